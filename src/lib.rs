@@ -1,0 +1,2 @@
+//! subnetstack facade (scaffold).
+pub use subnetstack_demux as demux;
