@@ -1,61 +1,65 @@
 //! The published, read-only side of the table: per protocol and family, a port index over LPM
 //! tries, and the reuseport groups their leaves point to.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use ipnet::IpNet;
 
 use crate::hash::{rendezvous, HashKey};
+use crate::trie::leaf_len;
 use crate::trie::{depth, leaf_group, Key, Trie, Walk, NONE};
 use crate::types::{BindingId, Flow, ListenerId, PortSpec, Protocol};
 
 const NIL: u32 = u32::MAX;
 
 /// One listener in a reuseport group.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Member {
     /// The binding that made this member.
     pub binding: BindingId,
     /// Where its flows go.
     pub listener: ListenerId,
-    pub(crate) salt: u64,
 }
 
-/// All bindings that share one `(protocol, prefix, ports)`: a reuseport set (or a set of one).
-#[derive(Clone, Debug)]
-pub struct Group {
-    pub(crate) protocol: Protocol,
-    pub(crate) prefix: IpNet,
-    pub(crate) ports: PortSpec,
-    pub(crate) members: Vec<Member>,
+/// The bindings that share one `(protocol, prefix, ports)` (a reuseport set, or a set of one), as a
+/// lookup found them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Group<'a> {
+    prefix: IpNet,
+    ports: PortSpec,
+    members: &'a [Member],
 }
 
-impl Group {
-    /// The group's protocol.
-    pub fn protocol(&self) -> Protocol {
-        self.protocol
-    }
-    /// The bound prefix.
+impl<'a> Group<'a> {
+    /// The bound prefix that matched.
     pub fn prefix(&self) -> IpNet {
         self.prefix
     }
-    /// The bound ports.
+    /// The bound ports that matched.
     pub fn ports(&self) -> PortSpec {
         self.ports
     }
     /// Members in bind order (never empty).
-    pub fn members(&self) -> &[Member] {
-        &self.members
+    pub fn members(&self) -> &'a [Member] {
+        self.members
     }
     /// The member a flow with this keyed hash goes to (see [`HashKey::flow_hash`]).
     #[inline]
-    pub fn pick(&self, flow_hash: u64) -> &Member {
+    pub fn pick(&self, flow_hash: u64) -> &'a Member {
         if self.members.len() == 1 {
             return &self.members[0];
         }
-        &self.members[rendezvous(flow_hash, self.members.iter().map(|m| m.salt))]
+        &self.members[rendezvous(flow_hash, self.members.iter().map(|m| m.listener))]
     }
+}
+
+/// Where a group's members sit in the member pool, and its ports. 12 bytes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GroupRec {
+    start: u32,
+    len: u16,
+    ports: PortSpec,
 }
 
 /// Port index and tries of one (protocol, family).
@@ -165,10 +169,11 @@ impl<K: Key> PortTries<K> {
         entries: &[(u128, u8, u32)],
         conv: fn(u128) -> K,
     ) {
-        let mut t = Trie::new(dp_bits);
-        for &(k, len, l) in entries {
-            t.insert(conv(k), len, l);
-        }
+        let mut e: Vec<(K, u8, u32)> = entries
+            .iter()
+            .map(|&(k, len, l)| (conv(k), len, l))
+            .collect();
+        let t = Trie::build(dp_bits, &mut e);
         let id = self.trie_id(ports);
         if id == NIL {
             *self.trie_mut(ports, dp_bits) = t;
@@ -315,7 +320,8 @@ pub(crate) enum AddrKey {
 /// One edit of the published table, applied identically to both copies.
 #[derive(Debug)]
 pub(crate) enum Op {
-    SetGroup(u32, Option<Group>),
+    /// Sets a group's members (empty: the group is gone).
+    SetGroup(u32, PortSpec, Vec<Member>),
     Insert {
         protocol: Protocol,
         ports: PortSpec,
@@ -347,7 +353,9 @@ pub(crate) enum Op {
 pub struct Fib {
     pub(crate) v4: [PortTries<u32>; 2],
     pub(crate) v6: [PortTries<u128>; 2],
-    pub(crate) groups: Vec<Option<Group>>,
+    groups: Vec<GroupRec>,
+    members: Vec<Member>,
+    free_members: Vec<Vec<u32>>,
     pub(crate) key: HashKey,
 }
 
@@ -365,19 +373,15 @@ impl Fib {
             v4: Default::default(),
             v6: Default::default(),
             groups: Vec::new(),
+            members: Vec::new(),
+            free_members: Vec::new(),
             key,
         }
     }
 
     pub(crate) fn apply(&mut self, op: &Op) {
         match op {
-            Op::SetGroup(g, grp) => {
-                let g = *g as usize;
-                if self.groups.len() <= g {
-                    self.groups.resize(g + 1, None);
-                }
-                self.groups[g] = grp.clone();
-            }
+            Op::SetGroup(g, ports, members) => self.set_group(*g, *ports, members),
             Op::Insert {
                 protocol,
                 ports,
@@ -417,24 +421,71 @@ impl Fib {
         }
     }
 
-    /// The group a leaf points to (`leaf != NONE`).
+    fn set_group(&mut self, g: u32, ports: PortSpec, members: &[Member]) {
+        let g = g as usize;
+        if self.groups.len() <= g {
+            self.groups.resize(
+                g + 1,
+                GroupRec {
+                    start: 0,
+                    len: 0,
+                    ports,
+                },
+            );
+        }
+        let old = self.groups[g];
+        let n = members.len();
+        let start = if usize::from(old.len) == n {
+            old.start
+        } else {
+            if old.len > 0 {
+                if self.free_members.is_empty() {
+                    self.free_members.resize(65, Vec::new());
+                }
+                if let Some(list) = self.free_members.get_mut(usize::from(old.len)) {
+                    list.push(old.start);
+                }
+            }
+            match self.free_members.get_mut(n).and_then(Vec::pop) {
+                Some(at) => at,
+                None => {
+                    self.members.extend_from_slice(members);
+                    (self.members.len() - n) as u32
+                }
+            }
+        };
+        self.members[start as usize..start as usize + n].copy_from_slice(members);
+        self.groups[g] = GroupRec {
+            start,
+            len: n as u16,
+            ports,
+        };
+    }
+
+    /// The group a leaf points to (`leaf != NONE`); `dst` gives the matched prefix.
     #[inline]
-    pub(crate) fn group(&self, leaf: u32) -> &Group {
-        self.groups[leaf_group(leaf) as usize]
-            .as_ref()
-            .expect("published leaves point at live groups")
+    pub(crate) fn group(&self, leaf: u32, dst: IpAddr) -> Group<'_> {
+        let r = self.groups[leaf_group(leaf) as usize];
+        let prefix = IpNet::new(dst, leaf_len(leaf))
+            .expect("leaf lengths fit the family")
+            .trunc();
+        Group {
+            prefix,
+            ports: r.ports,
+            members: &self.members[r.start as usize..r.start as usize + usize::from(r.len)],
+        }
     }
 
     #[inline]
-    pub(crate) fn lookup_v4(&self, p: Protocol, dst: Ipv4Addr, port: u16) -> Option<&Group> {
+    pub(crate) fn lookup_v4(&self, p: Protocol, dst: Ipv4Addr, port: u16) -> Option<Group<'_>> {
         let l = self.v4[pi(p)].lookup(u32::from(dst), port);
-        (l != NONE).then(|| self.group(l))
+        (l != NONE).then(|| self.group(l, dst.into()))
     }
 
     #[inline]
-    pub(crate) fn lookup_v6(&self, p: Protocol, dst: Ipv6Addr, port: u16) -> Option<&Group> {
+    pub(crate) fn lookup_v6(&self, p: Protocol, dst: Ipv6Addr, port: u16) -> Option<Group<'_>> {
         let l = self.v6[pi(p)].lookup(u128::from(dst), port);
-        (l != NONE).then(|| self.group(l))
+        (l != NONE).then(|| self.group(l, dst.into()))
     }
 
     pub(crate) fn lookup_batch_v4(&self, p: Protocol, q: &[(u32, u16)], out: &mut [u32]) {
@@ -455,12 +506,17 @@ impl Fib {
     pub(crate) fn heap_bytes(&self) -> usize {
         self.v4.iter().map(PortTries::heap_bytes).sum::<usize>()
             + self.v6.iter().map(PortTries::heap_bytes).sum::<usize>()
-            + self.groups.capacity() * std::mem::size_of::<Option<Group>>()
+            + self.group_bytes()
+    }
+
+    /// Heap bytes of the group records and the member pool.
+    pub(crate) fn group_bytes(&self) -> usize {
+        self.groups.capacity() * std::mem::size_of::<GroupRec>()
+            + self.members.capacity() * std::mem::size_of::<Member>()
             + self
-                .groups
+                .free_members
                 .iter()
-                .flatten()
-                .map(|g| g.members.capacity() * std::mem::size_of::<Member>())
+                .map(|v| v.capacity() * 4 + 24)
                 .sum::<usize>()
     }
 }

@@ -54,14 +54,6 @@ impl HashKey {
         }
         h.finish()
     }
-
-    /// Per-member salt for rendezvous hashing, derived from the listener id.
-    pub(crate) fn member_salt(&self, listener: ListenerId) -> u64 {
-        let mut h = self.hasher();
-        h.write_u64(listener.0);
-        h.write_u8(0xa5);
-        h.finish()
-    }
 }
 
 /// A 64-bit finaliser with full avalanche (MurmurHash3's fmix64 constants).
@@ -76,12 +68,16 @@ fn mix(mut x: u64) -> u64 {
 
 /// Index of the member with the highest weight for `flow_hash`: rendezvous hashing. Removing a
 /// member moves only the flows it had; adding one takes about 1/n of the flows from the others.
-/// Ties (astronomically rare) go to the lower salt, so the choice never depends on member order.
+/// Ties (astronomically rare) go to the lower listener salt, so the choice never depends on member order.
 #[inline]
-pub(crate) fn rendezvous(flow_hash: u64, salts: impl Iterator<Item = u64>) -> usize {
+///
+/// The flow hash is keyed, so a member's weight needs no secret of its own: it is a full-avalanche
+/// mix of the flow hash and the listener id.
+pub(crate) fn rendezvous(flow_hash: u64, listeners: impl Iterator<Item = ListenerId>) -> usize {
     let mut best = 0;
     let mut best_w = (0u64, 0u64);
-    for (i, s) in salts.enumerate() {
+    for (i, l) in listeners.enumerate() {
+        let s = mix(l.0 ^ 0x9e37_79b9_7f4a_7c15);
         let w = (mix(flow_hash ^ s), u64::MAX - s);
         if i == 0 || w > best_w {
             best = i;

@@ -214,23 +214,16 @@ impl Control {
         Ok(())
     }
 
-    fn group_value(&self, gk: GroupKey, members: &[BindingId]) -> Group {
-        Group {
-            protocol: gk.0,
-            prefix: gk.1,
-            ports: gk.2,
-            members: members
-                .iter()
-                .map(|id| {
-                    let listener = self.bindings[id].listener;
-                    Member {
-                        binding: *id,
-                        listener,
-                        salt: self.key.member_salt(listener),
-                    }
-                })
-                .collect(),
-        }
+    /// The published form of a group: its members in bind order.
+    fn set_group(&self, gidx: u32, gk: GroupKey, members: &[BindingId]) -> Op {
+        let members = members
+            .iter()
+            .map(|id| Member {
+                binding: *id,
+                listener: self.bindings[id].listener,
+            })
+            .collect();
+        Op::SetGroup(gidx, gk.2, members)
     }
 
     /// Every prefix of one trie, as rebuild entries.
@@ -298,6 +291,44 @@ impl Control {
         new
     }
 
+    /// The whole data-path table built in bulk (compact, no update garbage).
+    fn build_fib(&self) -> Fib {
+        let mut fib = Fib::new(self.key);
+        for (gk, g) in &self.groups {
+            fib.apply(&self.set_group(g.gidx, *gk, &g.members));
+        }
+        let mut per_trie: HashMap<(Protocol, bool, PortSpec), Vec<(u128, u8, u32)>> =
+            HashMap::new();
+        for p in [Protocol::Tcp, Protocol::Udp] {
+            let nets4 = self.nets4[pi(p)].iter().map(|(n, s)| (IpNet::V4(n), s));
+            let nets6 = self.nets6[pi(p)].iter().map(|(n, s)| (IpNet::V6(n), s));
+            for (net, specs) in nets4.chain(nets6) {
+                let key = match addr_key(net) {
+                    AddrKey::V4(k) => u128::from(k),
+                    AddrKey::V6(k) => k,
+                };
+                for &ports in specs {
+                    let g = self.groups[&(p, net, ports)].gidx;
+                    let len = net.prefix_len();
+                    per_trie
+                        .entry((p, net.addr().is_ipv6(), ports))
+                        .or_default()
+                        .push((key, len, leaf(g, len)));
+                }
+            }
+        }
+        for ((p, v6, ports), entries) in per_trie {
+            fib.apply(&Op::Rebuild {
+                protocol: p,
+                v6,
+                ports,
+                dp_bits: self.tries[&(p, v6, ports)].dp_bits,
+                entries: Arc::new(entries),
+            });
+        }
+        fib
+    }
+
     fn bind(&mut self, b: Binding, ops: &mut Vec<Op>) -> Result<BindingId, BindError> {
         let b = b.validate()?;
         self.check(&b)?;
@@ -321,7 +352,7 @@ impl Control {
                     members: vec![id],
                 },
             );
-            ops.push(Op::SetGroup(gidx, Some(self.group_value(gk, &[id]))));
+            ops.push(self.set_group(gidx, gk, &[id]));
             self.specs_at_mut(b.protocol, b.prefix).push(b.ports);
             let len = b.prefix.prefix_len();
             // Insert before counting: a rebuild triggered by the count already contains the prefix.
@@ -340,9 +371,13 @@ impl Control {
             self.trie_count(b.protocol, b.prefix, b.ports, 1, ops);
         } else {
             let g = self.groups.get_mut(&gk).expect("checked");
+            if g.members.len() >= usize::from(u16::MAX) {
+                self.bindings.remove(&id);
+                return Err(BindError::TableFull);
+            }
             g.members.push(id);
             let (gidx, members) = (g.gidx, g.members.clone());
-            ops.push(Op::SetGroup(gidx, Some(self.group_value(gk, &members))));
+            ops.push(self.set_group(gidx, gk, &members));
         }
         Ok(id)
     }
@@ -361,7 +396,7 @@ impl Control {
         let gidx = g.gidx;
         if !g.members.is_empty() {
             let members = g.members.clone();
-            ops.push(Op::SetGroup(gidx, Some(self.group_value(gk, &members))));
+            ops.push(self.set_group(gidx, gk, &members));
             return Ok(b);
         }
         self.groups.remove(&gk);
@@ -386,7 +421,7 @@ impl Control {
             leaf: leaf(gidx, len),
             parent,
         });
-        ops.push(Op::SetGroup(gidx, None));
+        ops.push(Op::SetGroup(gidx, b.ports, Vec::new()));
         self.free_groups.push(gidx);
         self.trie_count(b.protocol, b.prefix, b.ports, -1, ops);
         Ok(b)
@@ -475,15 +510,13 @@ impl Demux {
         bs: impl IntoIterator<Item = Binding>,
     ) -> Result<Vec<BindingId>, (usize, BindError)> {
         let mut ctl = Control::new(self.ctl.policy, self.ctl.key, self.ctl.next_id);
-        let mut fib = Fib::new(self.ctl.key);
         let mut ops = Vec::new();
         let mut ids = Vec::new();
         for (i, b) in bs.into_iter().enumerate() {
             ids.push(ctl.bind(b, &mut ops).map_err(|e| (i, e))?);
-            for op in ops.drain(..) {
-                fib.apply(&op);
-            }
+            ops.clear();
         }
+        let fib = ctl.build_fib();
         self.ctl = ctl;
         self.publish(vec![Op::Replace(Arc::new(fib))]);
         Ok(ids)
@@ -533,10 +566,13 @@ impl Demux {
         }
     }
 
-    /// Heap bytes of one copy of the published data-path table (tries, port index, groups). Two
-    /// copies exist (double buffering); the control plane's bookkeeping is extra.
-    pub fn data_path_bytes(&self) -> usize {
-        self.snapshot().fib.heap_bytes()
+    /// Heap bytes of one copy of the published data-path table: `(tries and port index, group
+    /// records and member pool)`. Two copies exist (double buffering); the control plane's
+    /// bookkeeping is extra.
+    pub fn data_path_bytes(&self) -> (usize, usize) {
+        let s = self.snapshot();
+        let g = s.fib.group_bytes();
+        (s.fib.heap_bytes() - g, g)
     }
 }
 
@@ -600,23 +636,23 @@ impl Snapshot<'_> {
             Flow::V4 { dst, dport, .. } => self.fib.lookup_v4(protocol, dst, dport),
             Flow::V6 { dst, dport, .. } => self.fib.lookup_v6(protocol, dst, dport),
         }?;
-        let m = if g.members.len() == 1 {
-            &g.members[0]
+        let m = if g.members().len() == 1 {
+            &g.members()[0]
         } else {
             g.pick(self.flow_hash(flow))
         };
         Some(Hit {
             binding: m.binding,
             listener: m.listener,
-            prefix: g.prefix,
-            ports: g.ports,
-            members: g.members.len(),
+            prefix: g.prefix(),
+            ports: g.ports(),
+            members: g.members().len(),
         })
     }
 
     /// The group for a destination, without choosing a member.
     #[inline]
-    pub fn group(&self, protocol: Protocol, dst: IpAddr, port: u16) -> Option<&Group> {
+    pub fn group(&self, protocol: Protocol, dst: IpAddr, port: u16) -> Option<Group<'_>> {
         match dst {
             IpAddr::V4(a) => self.fib.lookup_v4(protocol, a, port),
             IpAddr::V6(a) => self.fib.lookup_v6(protocol, a, port),
@@ -629,7 +665,7 @@ impl Snapshot<'_> {
         &'s self,
         protocol: Protocol,
         dsts: &[(std::net::Ipv4Addr, u16)],
-        out: &mut [Option<&'s Group>],
+        out: &mut [Option<Group<'s>>],
     ) {
         let mut q = [(0u32, 0u16); 16];
         let mut l = [NONE; 16];
@@ -639,8 +675,8 @@ impl Snapshot<'_> {
             }
             self.fib
                 .lookup_batch_v4(protocol, &q[..d.len()], &mut l[..d.len()]);
-            for (oi, &li) in o.iter_mut().zip(&l[..d.len()]) {
-                *oi = (li != NONE).then(|| self.fib.group(li));
+            for ((oi, &li), &(a, _)) in o.iter_mut().zip(&l[..d.len()]).zip(d) {
+                *oi = (li != NONE).then(|| self.fib.group(li, a.into()));
             }
         }
     }
@@ -650,7 +686,7 @@ impl Snapshot<'_> {
         &'s self,
         protocol: Protocol,
         dsts: &[(std::net::Ipv6Addr, u16)],
-        out: &mut [Option<&'s Group>],
+        out: &mut [Option<Group<'s>>],
     ) {
         let mut q = [(0u128, 0u16); 16];
         let mut l = [NONE; 16];
@@ -660,8 +696,8 @@ impl Snapshot<'_> {
             }
             self.fib
                 .lookup_batch_v6(protocol, &q[..d.len()], &mut l[..d.len()]);
-            for (oi, &li) in o.iter_mut().zip(&l[..d.len()]) {
-                *oi = (li != NONE).then(|| self.fib.group(li));
+            for ((oi, &li), &(a, _)) in o.iter_mut().zip(&l[..d.len()]).zip(d) {
+                *oi = (li != NONE).then(|| self.fib.group(li, a.into()));
             }
         }
     }
@@ -675,7 +711,7 @@ impl Snapshot<'_> {
             .into_iter()
             .map(|(ports, l)| Candidate {
                 ports,
-                matched: (l != NONE).then(|| self.fib.group(l).prefix),
+                matched: (l != NONE).then(|| self.fib.group(l, flow.dst()).prefix()),
             })
             .collect();
         let chosen = self.lookup(protocol, flow);

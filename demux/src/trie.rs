@@ -31,6 +31,12 @@ pub(crate) fn leaf_group(leaf: u32) -> u32 {
     (leaf >> 8) - 1
 }
 
+/// Prefix length of a leaf (`leaf != NONE`).
+#[inline]
+pub(crate) fn leaf_len(leaf: u32) -> u8 {
+    (leaf & 0xff) as u8
+}
+
 /// Prefix length of a leaf, -1 for `NONE`: a larger depth is a better match.
 #[inline]
 pub(crate) fn depth(leaf: u32) -> i32 {
@@ -42,7 +48,7 @@ pub(crate) fn depth(leaf: u32) -> i32 {
 }
 
 /// An address as a fixed-width big-endian bit string.
-pub(crate) trait Key: Copy + Send + Sync + 'static {
+pub(crate) trait Key: Copy + Ord + Send + Sync + 'static {
     const BITS: u8;
     /// `n` (1..=16) bits starting `off` bits from the most significant end.
     fn bits(self, off: u8, n: u8) -> usize;
@@ -138,8 +144,8 @@ impl<K: Key> Trie<K> {
             ],
             nodes: Vec::new(),
             leaves: Vec::new(),
-            free_nodes: vec![Vec::new(); 65],
-            free_leaves: vec![Vec::new(); 65],
+            free_nodes: Vec::new(),
+            free_leaves: Vec::new(),
             prefixes: 0,
             _k: std::marker::PhantomData,
         }
@@ -235,8 +241,15 @@ impl<K: Key> Trie<K> {
 
     // ---- updates -------------------------------------------------------------------------
 
+    fn free_block(lists: &mut Vec<Vec<u32>>, size: usize, at: u32) {
+        if lists.is_empty() {
+            lists.resize(65, Vec::new());
+        }
+        lists[size].push(at);
+    }
+
     fn alloc_nodes(&mut self, n: usize) -> u32 {
-        if let Some(i) = self.free_nodes[n].pop() {
+        if let Some(i) = self.free_nodes.get_mut(n).and_then(Vec::pop) {
             return i;
         }
         let i = self.nodes.len();
@@ -245,7 +258,7 @@ impl<K: Key> Trie<K> {
     }
 
     fn alloc_leaves(&mut self, n: usize) -> u32 {
-        if let Some(i) = self.free_leaves[n].pop() {
+        if let Some(i) = self.free_leaves.get_mut(n).and_then(Vec::pop) {
             return i;
         }
         let i = self.leaves.len();
@@ -297,7 +310,7 @@ impl<K: Key> Trie<K> {
             n.base0
         } else {
             if old > 0 {
-                self.free_leaves[old].push(n.base0);
+                Self::free_block(&mut self.free_leaves, old, n.base0);
             }
             if count > 0 {
                 self.alloc_leaves(count)
@@ -337,7 +350,7 @@ impl<K: Key> Trie<K> {
         }
         self.nodes[base1 as usize + at] = child;
         if old > 0 {
-            self.free_nodes[old].push(n.base1);
+            Self::free_block(&mut self.free_nodes, old, n.base1);
         }
         let node = &mut self.nodes[idx as usize];
         node.vector |= 1 << p;
@@ -356,7 +369,7 @@ impl<K: Key> Trie<K> {
             return;
         }
         let fill = self.leaves[c.base0 as usize];
-        self.free_leaves[1].push(c.base0);
+        Self::free_block(&mut self.free_leaves, 1, c.base0);
         let mut vals = self.unpack(idx, s);
         vals[p] = fill;
         let old = n.vector.count_ones() as usize;
@@ -372,7 +385,7 @@ impl<K: Key> Trie<K> {
             }
             b
         };
-        self.free_nodes[old].push(n.base1);
+        Self::free_block(&mut self.free_nodes, old, n.base1);
         let node = &mut self.nodes[idx as usize];
         node.vector &= !(1 << p);
         node.base1 = base1;
@@ -450,6 +463,85 @@ impl<K: Key> Trie<K> {
         first..first + (1usize << (self.dp_bits - len))
     }
 
+    /// Builds a compact trie from `(key, len, leaf)` entries in one pass: every block is allocated
+    /// once, at its exact size, with no garbage (used for whole-table replacement and resizes).
+    pub(crate) fn build(dp_bits: u8, entries: &mut [(K, u8, u32)]) -> Self {
+        let mut t = Trie::new(dp_bits);
+        t.prefixes = entries.len();
+        // Short prefixes fill direct-pointing defaults, shortest first so longer ones overwrite.
+        let mut short: Vec<(K, u8, u32)> =
+            entries.iter().copied().filter(|e| e.1 <= dp_bits).collect();
+        short.sort_by_key(|e| e.1);
+        for (k, len, l) in short {
+            for i in t.slots(k, len) {
+                t.dp[i].default = l;
+            }
+        }
+        entries.sort_unstable_by_key(|e| (e.0, e.1));
+        let mut rest = &entries[..];
+        while let Some(first) = rest.iter().position(|e| e.1 > dp_bits) {
+            rest = &rest[first..];
+            let slot = t.slot(rest[0].0);
+            let end = rest
+                .iter()
+                .position(|e| t.slot(e.0) != slot)
+                .unwrap_or(rest.len());
+            let root = t.alloc_nodes(1);
+            t.dp[slot].node = root;
+            t.build_node(root, &rest[..end], dp_bits, NONE);
+            rest = &rest[end..];
+        }
+        t.nodes.shrink_to_fit();
+        t.leaves.shrink_to_fit();
+        t
+    }
+
+    /// Fills node `idx` (already allocated) at bit offset `off` from `entries` (sorted by key, all
+    /// inside this node's range and longer than `off`), whose uncovered positions hold `inherited`.
+    fn build_node(&mut self, idx: u32, entries: &[(K, u8, u32)], off: u8, inherited: u32) {
+        let s = stride::<K>(off);
+        let mut vals = [inherited; 64];
+        let mut here: Vec<&(K, u8, u32)> = entries.iter().filter(|e| e.1 <= off + s).collect();
+        here.sort_by_key(|e| e.1);
+        for &&(k, len, l) in &here {
+            let p = k.bits(off, s);
+            for v in &mut vals[p..p + (1usize << (off + s - len))] {
+                *v = l;
+            }
+        }
+        let mut vector = 0u64;
+        for e in entries.iter().filter(|e| e.1 > off + s) {
+            vector |= 1 << e.0.bits(off, s);
+        }
+        self.nodes[idx as usize].vector = vector;
+        self.pack(idx, s, &vals);
+        let children = vector.count_ones() as usize;
+        if children == 0 {
+            return;
+        }
+        let base1 = self.alloc_nodes(children);
+        self.nodes[idx as usize].base1 = base1;
+        let mut i = 0;
+        let mut rest = entries;
+        while !rest.is_empty() {
+            let p = rest[0].0.bits(off, s);
+            let end = rest
+                .iter()
+                .position(|e| e.0.bits(off, s) != p)
+                .unwrap_or(rest.len());
+            if vector >> p & 1 != 0 {
+                let deeper: Vec<(K, u8, u32)> = rest[..end]
+                    .iter()
+                    .copied()
+                    .filter(|e| e.1 > off + s)
+                    .collect();
+                self.build_node(base1 + i, &deeper, off + s, vals[p]);
+                i += 1;
+            }
+            rest = &rest[end..];
+        }
+    }
+
     /// Adds a prefix (`key` with host bits clear) whose leaf is `l`.
     pub(crate) fn insert(&mut self, key: K, len: u8, l: u32) {
         debug_assert!(len <= K::BITS && depth(l) == i32::from(len));
@@ -492,8 +584,8 @@ impl<K: Key> Trie<K> {
         let root = self.dp[slot].node;
         let r = self.nodes[root as usize];
         if r.vector == 0 && r.leafvec.count_ones() == 1 && self.leaves[r.base0 as usize] == NONE {
-            self.free_leaves[1].push(r.base0);
-            self.free_nodes[1].push(root);
+            Self::free_block(&mut self.free_leaves, 1, r.base0);
+            Self::free_block(&mut self.free_nodes, 1, root);
             self.dp[slot].node = NIL;
         }
     }
@@ -543,9 +635,16 @@ mod tests {
                 t.insert(k, len, l);
                 set.push((k, len, l));
             }
+            let built = Trie::<u32>::build(dp, &mut set.clone());
+            assert!(built.heap_bytes() < t.heap_bytes());
             for _ in 0..3000 {
                 let key = 0xC612_0000 | (rnd() as u32 & 0x0003_ffff);
                 assert_eq!(t.lookup(key), naive(&set, key), "dp {dp} key {key:x}");
+                assert_eq!(
+                    built.lookup(key),
+                    naive(&set, key),
+                    "built, dp {dp} key {key:x}"
+                );
             }
             while let Some(i) = (!set.is_empty()).then(|| rnd() as usize % set.len()) {
                 let (k, len, l) = set.swap_remove(i);
