@@ -8,7 +8,7 @@ use ipnet::IpNet;
 
 use crate::hash::{rendezvous, HashKey};
 use crate::trie::leaf_len;
-use crate::trie::{depth, leaf_group, Key, Trie, Walk, NONE};
+use crate::trie::{depth, leaf_group, prefetch, Key, Trie, Walk, NONE};
 use crate::types::{BindingId, Flow, ListenerId, PortSpec, Protocol};
 
 const NIL: u32 = u32::MAX;
@@ -26,7 +26,8 @@ pub struct Member {
 /// lookup found them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Group<'a> {
-    prefix: IpNet,
+    dst: IpAddr,
+    len: u8,
     ports: PortSpec,
     members: &'a [Member],
 }
@@ -34,7 +35,9 @@ pub struct Group<'a> {
 impl<'a> Group<'a> {
     /// The bound prefix that matched.
     pub fn prefix(&self) -> IpNet {
-        self.prefix
+        IpNet::new(self.dst, self.len)
+            .expect("leaf lengths fit the family")
+            .trunc()
     }
     /// The bound ports that matched.
     pub fn ports(&self) -> PortSpec {
@@ -466,11 +469,9 @@ impl Fib {
     #[inline]
     pub(crate) fn group(&self, leaf: u32, dst: IpAddr) -> Group<'_> {
         let r = self.groups[leaf_group(leaf) as usize];
-        let prefix = IpNet::new(dst, leaf_len(leaf))
-            .expect("leaf lengths fit the family")
-            .trunc();
         Group {
-            prefix,
+            dst,
+            len: leaf_len(leaf),
             ports: r.ports,
             members: &self.members[r.start as usize..r.start as usize + usize::from(r.len)],
         }
@@ -488,12 +489,24 @@ impl Fib {
         (l != NONE).then(|| self.group(l, dst.into()))
     }
 
+    /// Batched lookup; also prefetches the group records the leaves point to.
     pub(crate) fn lookup_batch_v4(&self, p: Protocol, q: &[(u32, u16)], out: &mut [u32]) {
-        self.v4[pi(p)].lookup_batch(q, out)
+        self.v4[pi(p)].lookup_batch(q, out);
+        self.prefetch_groups(out);
     }
 
+    /// Batched lookup; also prefetches the group records the leaves point to.
     pub(crate) fn lookup_batch_v6(&self, p: Protocol, q: &[(u128, u16)], out: &mut [u32]) {
-        self.v6[pi(p)].lookup_batch(q, out)
+        self.v6[pi(p)].lookup_batch(q, out);
+        self.prefetch_groups(out);
+    }
+
+    fn prefetch_groups(&self, leaves: &[u32]) {
+        for &l in leaves {
+            if l != NONE {
+                prefetch(self.groups.as_ptr().wrapping_add(leaf_group(l) as usize));
+            }
+        }
     }
 
     pub(crate) fn candidates(&self, p: Protocol, flow: &Flow) -> Vec<(PortSpec, u32)> {

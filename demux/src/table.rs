@@ -24,6 +24,10 @@ const DP_GROW_AT: usize = 4096;
 const DP_SHRINK_AT: usize = 1024;
 
 type GroupKey = (Protocol, IpNet, PortSpec);
+/// A trie is per (protocol, IPv6?, ports).
+type TrieKey = (Protocol, bool, PortSpec);
+/// `(address as u128, prefix length, leaf)`.
+type Entry = (u128, u8, u32);
 
 #[derive(Clone, Debug)]
 struct GroupCtl {
@@ -50,7 +54,7 @@ struct Control {
     next_group: u32,
     nets4: [PrefixMap<Ipv4Net, Vec<PortSpec>>; 2],
     nets6: [PrefixMap<Ipv6Net, Vec<PortSpec>>; 2],
-    tries: HashMap<(Protocol, bool, PortSpec), TrieCtl>,
+    tries: HashMap<TrieKey, TrieCtl>,
 }
 
 fn pi(p: Protocol) -> usize {
@@ -297,8 +301,7 @@ impl Control {
         for (gk, g) in &self.groups {
             fib.apply(&self.set_group(g.gidx, *gk, &g.members));
         }
-        let mut per_trie: HashMap<(Protocol, bool, PortSpec), Vec<(u128, u8, u32)>> =
-            HashMap::new();
+        let mut per_trie: HashMap<TrieKey, Vec<Entry>> = HashMap::new();
         for p in [Protocol::Tcp, Protocol::Udp] {
             let nets4 = self.nets4[pi(p)].iter().map(|(n, s)| (IpNet::V4(n), s));
             let nets6 = self.nets6[pi(p)].iter().map(|(n, s)| (IpNet::V6(n), s));

@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 use proptest::prelude::*;
-use subnetstack_demux::model::Model;
+use subnetstack_demux::model::{Differential, Model};
 use subnetstack_demux::*;
 
 #[derive(Clone, Debug)]
@@ -76,95 +76,27 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn check_lookup(t: &Demux, m: &Model, p: Protocol, dst: IpAddr, port: u16) {
-    let src: IpAddr = if dst.is_ipv4() {
-        "198.19.200.1".parse().unwrap()
-    } else {
-        "2001:db8:ffff::1".parse().unwrap()
-    };
-    let want = m.lookup(p, dst, port);
-    for sport in [1u16, 2, 3] {
-        let f = Flow::new(src, sport, dst, port).unwrap();
-        let got = t.snapshot().lookup(p, &f);
-        match got {
-            None => assert!(
-                want.is_empty(),
-                "{p} {dst}:{port}: table none, model {want:?}"
-            ),
-            Some(h) => {
-                assert!(
-                    want.iter().any(|(id, _)| *id == h.binding),
-                    "{p} {dst}:{port}: table {h:?}, model {want:?}"
-                );
-                assert_eq!(h.members, want.len());
-            }
-        }
-    }
-}
-
 fn run(policy: BindPolicy, ops: Vec<Op>) {
-    let mut t = Demux::with_key(policy, HashKey([3; 16]));
-    let mut m = Model::new(policy);
-    let mut live: Vec<BindingId> = Vec::new();
+    let mut d = Differential::new(policy);
     for op in ops {
         match op {
-            Op::Bind(b) => {
-                let want = m.bind(b);
-                let got = t.bind(b);
-                match (&got, &want) {
-                    (Ok(a), Ok(b)) => {
-                        assert_eq!(a, b);
-                        live.push(*a);
-                    }
-                    (
-                        Err(BindError::Conflict { existing, kind, .. }),
-                        Err(BindError::Conflict { .. }),
-                    ) => {
-                        let allowed = m.conflicts(&b.validate().unwrap());
-                        assert!(
-                            allowed.contains(&(*existing, *kind)),
-                            "{b}: table says {got:?}, model allows {allowed:?}"
-                        );
-                    }
-                    _ => panic!("{b}: table {got:?} model {want:?}"),
-                }
-            }
-            Op::Unbind(i) => {
-                if live.is_empty() {
-                    continue;
-                }
-                let id = live.swap_remove(i % live.len());
-                assert_eq!(t.unbind(id), m.unbind(id));
-                assert_eq!(t.unbind(id), Err(BindError::UnknownBinding(id)));
-            }
-            Op::UnbindUnknown(id) => {
-                assert_eq!(t.unbind(BindingId(id)), m.unbind(BindingId(id)));
-            }
-            Op::Lookup(p, a, port) => check_lookup(&t, &m, p, a, port),
+            Op::Bind(b) => d.bind(b),
+            Op::Unbind(i) => d.unbind_nth(i),
+            Op::UnbindUnknown(id) => d.unbind_id(BindingId(id)),
+            Op::Lookup(p, a, port) => d.lookup(p, a, port),
         }
     }
-    // Final sweep, scalar and batched.
-    let snap = t.snapshot();
-    let v4: Vec<(Ipv4Addr, u16)> = (0u32..0x400)
-        .flat_map(|x| {
-            [
-                (Ipv4Addr::from(0xC612_0000 | (x << 6) | (x % 7)), 80),
-                (Ipv4Addr::from(0xC612_0000 | (x << 6)), 85),
-            ]
-        })
-        .collect();
-    let mut out = vec![None; v4.len()];
-    snap.group_batch_v4(Protocol::Tcp, &v4, &mut out);
-    for (i, &(a, port)) in v4.iter().enumerate() {
-        let want = m.lookup(Protocol::Tcp, a.into(), port);
-        assert_eq!(
-            out[i].map(|g| g.prefix()),
-            want.first().map(|(_, b)| b.prefix),
-            "{a}:{port}"
-        );
+    // Final sweep over the whole address space used.
+    for x in 0u32..0x400 {
+        for port in [80, 85] {
+            d.lookup(
+                Protocol::Tcp,
+                IpAddr::V4(Ipv4Addr::from(0xC612_0000 | (x << 6) | (x % 7))),
+                port,
+            );
+        }
     }
-    drop(snap);
-    assert_eq!(t.len(), m.bindings().len());
+    d.check_len();
 }
 
 proptest! {
@@ -247,4 +179,28 @@ fn resize_thresholds_keep_lookups_right() {
             .map(|g| g.prefix()),
         None
     );
+}
+
+/// The fuzz target's decoder on random bytes and on the checked-in seed corpus.
+#[test]
+fn fuzz_body_on_random_bytes_and_seeds() {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for _ in 0..300 {
+        let data: Vec<u8> = (0..600)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        Differential::run_bytes(&data);
+    }
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/corpus/demux_ops");
+    let mut seeds = 0;
+    for e in std::fs::read_dir(dir).expect("seed corpus is checked in") {
+        Differential::run_bytes(&std::fs::read(e.unwrap().path()).unwrap());
+        seeds += 1;
+    }
+    assert!(seeds > 0);
 }
