@@ -19,9 +19,25 @@ use crate::types::{
 /// Largest number of distinct `(protocol, prefix, ports)` groups (leaves carry a 24-bit index).
 pub const MAX_GROUPS: u32 = (1 << 24) - 2;
 
-/// Trie sizes at which the direct-pointing array grows from 2^8 to 2^16 entries, and shrinks back.
-const DP_GROW_AT: usize = 4096;
-const DP_SHRINK_AT: usize = 1024;
+/// Direct-pointing widths of a trie and the prefix count from which each is used; a trie shrinks
+/// back only below a quarter of that count (hysteresis). Wider arrays cut a trie level off most
+/// lookups but cost 8 bytes a slot, so small tries stay narrow.
+const DP_STEPS: [(u8, usize); 3] = [(8, 0), (14, 1024), (16, 16384)];
+
+/// The direct-pointing width for a trie of `count` prefixes that currently uses `old`.
+fn dp_bits_for(count: usize, old: u8) -> u8 {
+    let fit = |n: usize| DP_STEPS.iter().rev().find(|s| s.1 <= n).map_or(8, |s| s.0);
+    let grown = fit(count);
+    if grown > old {
+        return grown;
+    }
+    let at_old = DP_STEPS.iter().find(|s| s.0 == old).map_or(0, |s| s.1);
+    if count.saturating_mul(4) < at_old {
+        fit(count.saturating_mul(4))
+    } else {
+        old
+    }
+}
 
 type GroupKey = (Protocol, IpNet, PortSpec);
 /// A trie is per (protocol, IPv6?, ports).
@@ -270,13 +286,7 @@ impl Control {
             .checked_add_signed(delta)
             .expect("trie count in range");
         let (count, old) = (t.count, t.dp_bits);
-        let new = if count >= DP_GROW_AT {
-            16
-        } else if count <= DP_SHRINK_AT {
-            8
-        } else {
-            old
-        };
+        let new = dp_bits_for(count, old);
         if count == 0 {
             self.tries.remove(&(p, v6, ports));
         } else if new != old {
@@ -614,6 +624,9 @@ pub struct Hit {
     pub members: usize,
 }
 
+/// Queries handed to the data-path walk at a time by the batched lookups.
+const BATCH: usize = 64;
+
 /// A consistent view of the table; lookups against it never block.
 pub struct Snapshot<'a> {
     fib: ReadGuard<'a, Fib>,
@@ -663,16 +676,16 @@ impl Snapshot<'_> {
     }
 
     /// Batched IPv4 group lookup: `out[i]` receives the group for `dsts[i]`. Interleaves the memory
-    /// accesses of up to 16 lookups. `out` must be at least as long as `dsts`.
+    /// accesses of many lookups. `out` must be at least as long as `dsts`.
     pub fn group_batch_v4<'s>(
         &'s self,
         protocol: Protocol,
         dsts: &[(std::net::Ipv4Addr, u16)],
         out: &mut [Option<Group<'s>>],
     ) {
-        let mut q = [(0u32, 0u16); 16];
-        let mut l = [NONE; 16];
-        for (d, o) in dsts.chunks(16).zip(out.chunks_mut(16)) {
+        let mut q = [(0u32, 0u16); BATCH];
+        let mut l = [NONE; BATCH];
+        for (d, o) in dsts.chunks(BATCH).zip(out.chunks_mut(BATCH)) {
             for (qi, &(a, p)) in q.iter_mut().zip(d) {
                 *qi = (u32::from(a), p);
             }
@@ -691,9 +704,9 @@ impl Snapshot<'_> {
         dsts: &[(std::net::Ipv6Addr, u16)],
         out: &mut [Option<Group<'s>>],
     ) {
-        let mut q = [(0u128, 0u16); 16];
-        let mut l = [NONE; 16];
-        for (d, o) in dsts.chunks(16).zip(out.chunks_mut(16)) {
+        let mut q = [(0u128, 0u16); BATCH];
+        let mut l = [NONE; BATCH];
+        for (d, o) in dsts.chunks(BATCH).zip(out.chunks_mut(BATCH)) {
             for (qi, &(a, p)) in q.iter_mut().zip(d) {
                 *qi = (u128::from(a), p);
             }

@@ -122,12 +122,15 @@ pub(crate) struct Trie<K> {
     _k: std::marker::PhantomData<K>,
 }
 
-/// Walk state of one batched lookup.
-#[derive(Clone, Copy)]
-pub(crate) struct Walk {
-    node: u32,
-    off: u8,
-    default: u32,
+/// Where a batched walk stands after one step; every step prefetches what the next one reads.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Step {
+    /// The walk ended with this leaf.
+    Done(u32),
+    /// Read node `.0` at bit offset `.1` next.
+    Node(u32, u8),
+    /// Read the leaf at index `.0` of the leaf array next.
+    Leaf(u32),
 }
 
 impl<K: Key> Trie<K> {
@@ -178,6 +181,14 @@ impl<K: Key> Trie<K> {
         }
     }
 
+    /// Bytes a lookup may touch (direct-pointing array, nodes, leaves): decides whether batching
+    /// with prefetches pays off.
+    pub(crate) fn footprint(&self) -> usize {
+        self.dp.len() * std::mem::size_of::<Dp>()
+            + self.nodes.len() * std::mem::size_of::<Node>()
+            + self.leaves.len() * 4
+    }
+
     /// Longest match for `key`: a leaf (`NONE` if no prefix covers it).
     #[inline]
     pub(crate) fn lookup(&self, key: K) -> u32 {
@@ -201,42 +212,44 @@ impl<K: Key> Trie<K> {
         }
     }
 
-    /// First step of a batched lookup: read the direct-pointing entry. Returns `Err(leaf)` when the
-    /// walk ends there.
-    #[inline(always)]
-    pub(crate) fn walk_start(&self, key: K) -> Result<Walk, u32> {
-        let e = self.dp[self.slot(key)];
-        if e.node == NIL {
-            return Err(e.default);
-        }
-        prefetch(self.nodes.as_ptr().wrapping_add(e.node as usize));
-        Ok(Walk {
-            node: e.node,
-            off: self.dp_bits,
-            default: e.default,
-        })
-    }
-
-    /// Prefetch the direct-pointing entry for `key`.
+    /// Prefetches the direct-pointing entry for `key`: the first memory access of a walk.
     #[inline(always)]
     pub(crate) fn prefetch_slot(&self, key: K) {
         prefetch(self.dp.as_ptr().wrapping_add(self.slot(key)));
     }
 
-    /// One level of a batched lookup; prefetches what the next step reads.
+    /// First step of a batched walk: reads the direct-pointing entry. Returns the step and the
+    /// default leaf that a `NONE` leaf below stands for.
     #[inline(always)]
-    pub(crate) fn walk_step(&self, key: K, w: &mut Walk) -> Option<u32> {
-        let n = self.nodes[w.node as usize];
-        let s = stride::<K>(w.off);
-        let v = key.bits(w.off, s);
-        if n.vector >> v & 1 != 0 {
-            w.node = n.base1 + rank(n.vector, v) as u32 - 1;
-            w.off += s;
-            prefetch(self.nodes.as_ptr().wrapping_add(w.node as usize));
-            return None;
+    pub(crate) fn step_start(&self, key: K) -> (Step, u32) {
+        let e = self.dp[self.slot(key)];
+        if e.node == NIL {
+            return (Step::Done(e.default), e.default);
         }
-        let l = self.leaves[n.base0 as usize + rank(n.leafvec, v) - 1];
-        Some(if l == NONE { w.default } else { l })
+        prefetch(self.nodes.as_ptr().wrapping_add(e.node as usize));
+        (Step::Node(e.node, self.dp_bits), e.default)
+    }
+
+    /// Reads one node of a batched walk.
+    #[inline(always)]
+    pub(crate) fn step_node(&self, key: K, idx: u32, off: u8) -> Step {
+        let n = self.nodes[idx as usize];
+        let s = stride::<K>(off);
+        let v = key.bits(off, s);
+        if n.vector >> v & 1 != 0 {
+            let c = n.base1 + rank(n.vector, v) as u32 - 1;
+            prefetch(self.nodes.as_ptr().wrapping_add(c as usize));
+            return Step::Node(c, off + s);
+        }
+        let at = n.base0 + rank(n.leafvec, v) as u32 - 1;
+        prefetch(self.leaves.as_ptr().wrapping_add(at as usize));
+        Step::Leaf(at)
+    }
+
+    /// Reads the leaf a batched walk ended on.
+    #[inline(always)]
+    pub(crate) fn step_leaf(&self, at: u32) -> u32 {
+        self.leaves[at as usize]
     }
 
     // ---- updates -------------------------------------------------------------------------
