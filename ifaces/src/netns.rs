@@ -1,0 +1,268 @@
+//! Private network namespaces for live tests, benchmarks and the demo.
+//!
+//! [`tap_env`] moves the **calling thread** into a new network namespace (`unshare(CLONE_NEWNET)`),
+//! brings `lo` up, creates a TAP there and configures the kernel's side of it: addresses
+//! [`KERNEL_V4`]/24 and [`KERNEL_V6`]/64 and routes for the stack's local prefixes. Threads spawned
+//! afterwards from that thread, and child processes (`ping`, `curl`, `wrk`), live in the same
+//! namespace; nothing leaks to the host, and tests in other threads get namespaces of their own.
+//! The namespace disappears when its last thread and file descriptor are gone.
+//!
+//! Configuration uses iproute2's `ip` (and `nft`, `sysctl`) as child processes: the commands are
+//! the documentation, and a failing step says exactly which command failed.
+//!
+//! Only `198.18.0.0/15` and `2001:db8::/32` may be routed (refused otherwise).
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::process::{Command, Stdio};
+
+use ipnet::IpNet;
+
+use crate::tap::{Tap, TapConfig};
+use crate::Mac;
+
+/// The kernel's IPv4 address on the TAP.
+pub const KERNEL_V4: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 1);
+/// The stack's IPv4 address in the kernel's subnet (the gateway for routed prefixes).
+pub const STACK_V4: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 2);
+/// The kernel's IPv6 address on the TAP.
+pub const KERNEL_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 1);
+/// The stack's IPv6 address in the kernel's subnet.
+pub const STACK_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 2);
+
+/// Environment variable that turns a skip into a failure (CI sets it: live tests must run there).
+pub const REQUIRE_LIVE: &str = "SUBNETSTACK_REQUIRE_LIVE";
+
+/// Why live tests cannot run on this machine, or `None` when they can.
+pub fn unavailable() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some(
+            "not root (needs CAP_NET_ADMIN and CAP_SYS_ADMIN for network namespaces)".into(),
+        );
+    }
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        return Some("/dev/net/tun is missing".into());
+    }
+    if Command::new("ip")
+        .arg("-V")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_err()
+    {
+        return Some("iproute2's `ip` is not installed".into());
+    }
+    None
+}
+
+/// For live tests: `true` when they can run. Otherwise prints `skipped: <reason>` and returns
+/// `false`, or panics when [`REQUIRE_LIVE`] is set.
+pub fn live(test: &str) -> bool {
+    match unavailable() {
+        None => true,
+        Some(why) => {
+            if std::env::var_os(REQUIRE_LIVE).is_some_and(|v| v != "0") {
+                panic!("{test}: live test cannot run ({why}) but {REQUIRE_LIVE} is set");
+            }
+            println!("skipped: {test}: {why}");
+            false
+        }
+    }
+}
+
+/// Runs a command, turning a non-zero exit into an error that names the command and its stderr.
+pub fn run(cmd: &str, args: &[&str]) -> io::Result<()> {
+    let out = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| io::Error::new(e.kind(), format!("{cmd}: {e}")))?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "`{cmd} {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// `ip <args>`.
+pub fn ip(args: &[&str]) -> io::Result<()> {
+    run("ip", args)
+}
+
+/// Moves the calling thread into a new, empty network namespace and brings `lo` up.
+pub fn enter_private_netns() -> io::Result<()> {
+    // SAFETY: unshare(2) with CLONE_NEWNET affects only the calling thread's namespace.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("unshare(CLONE_NEWNET): {e}"),
+        ));
+    }
+    ip(&["link", "set", "lo", "up"])
+}
+
+/// True if `net` lies inside the ranges live traffic may use (`198.18.0.0/15`, `2001:db8::/32`).
+pub fn allowed(net: &IpNet) -> bool {
+    let v4: IpNet = "198.18.0.0/15".parse().expect("literal");
+    let v6: IpNet = "2001:db8::/32".parse().expect("literal");
+    v4.contains(net) || v6.contains(net)
+}
+
+/// How to build a TAP environment.
+#[derive(Clone, Debug)]
+pub struct TapEnvConfig {
+    /// The TAP and how to open it.
+    pub tap: TapConfig,
+    /// The stack's local prefixes, routed by the kernel to the TAP.
+    pub routes: Vec<IpNet>,
+    /// Route via the stack's address in the kernel subnet ([`STACK_V4`], [`STACK_V6`]) instead of
+    /// on-link (on-link makes the kernel ARP for every destination address).
+    pub via_gateway: bool,
+}
+
+impl TapEnvConfig {
+    /// A TAP called `name`, one queue, no offloads, on-link routes to `routes`.
+    pub fn new(name: &str, routes: &[&str]) -> Self {
+        TapEnvConfig {
+            tap: TapConfig::new(name),
+            routes: routes
+                .iter()
+                .map(|r| r.parse().expect("route literal"))
+                .collect(),
+            via_gateway: false,
+        }
+    }
+}
+
+/// A configured TAP in a private namespace: the calling thread is inside it.
+#[derive(Debug)]
+pub struct TapEnv {
+    /// Interface name.
+    pub name: String,
+    /// One device per queue.
+    pub queues: Vec<Tap>,
+    /// The kernel side's MAC address.
+    pub kernel_mac: Mac,
+}
+
+/// The MAC address of an interface, read from sysfs (namespace-aware for the calling thread's
+/// own namespace only through a fresh mount, so this asks `ip` instead).
+pub fn interface_mac(name: &str) -> io::Result<Mac> {
+    let out = Command::new("ip")
+        .args(["-o", "link", "show", "dev", name])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mac = text
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .ok_or_else(|| io::Error::other(format!("no MAC for {name}: {text}")))?;
+    let mut m = [0u8; 6];
+    for (d, p) in m.iter_mut().zip(mac.split(':')) {
+        *d = u8::from_str_radix(p, 16).map_err(io::Error::other)?;
+    }
+    Ok(m)
+}
+
+/// Enters a private namespace and sets up a TAP there (see the module docs).
+pub fn tap_env(cfg: &TapEnvConfig) -> io::Result<TapEnv> {
+    if let Some(bad) = cfg.routes.iter().find(|r| !allowed(r)) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{bad} is outside 198.18.0.0/15 and 2001:db8::/32"),
+        ));
+    }
+    enter_private_netns()?;
+    let queues = Tap::open(&cfg.tap)?;
+    let name = queues[0].info().name.clone();
+    add_kernel_side(&name)?;
+    for r in &cfg.routes {
+        let r = r.to_string();
+        let via = match (cfg.via_gateway, r.contains(':')) {
+            (false, _) => None,
+            (true, false) => Some(IpAddr::V4(STACK_V4).to_string()),
+            (true, true) => Some(IpAddr::V6(STACK_V6).to_string()),
+        };
+        match via {
+            Some(g) => ip(&["route", "add", &r, "via", &g, "dev", &name])?,
+            None => ip(&["route", "add", &r, "dev", &name])?,
+        }
+    }
+    let kernel_mac = interface_mac(&name)?;
+    Ok(TapEnv {
+        name,
+        queues,
+        kernel_mac,
+    })
+}
+
+/// Brings `dev` up with the kernel's addresses on it.
+pub fn add_kernel_side(dev: &str) -> io::Result<()> {
+    ip(&["link", "set", dev, "up"])?;
+    ip(&["addr", "add", &format!("{KERNEL_V4}/24"), "dev", dev])?;
+    ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{KERNEL_V6}/64"),
+        "dev",
+        dev,
+        "nodad",
+    ])
+}
+
+use crate::Device;
+
+/// Where nftables drops packets on a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// Packets the kernel sends out of the device (towards the stack).
+    Egress,
+    /// Packets arriving from the device (from the stack).
+    Ingress,
+}
+
+/// Kernel-side random loss without netem: an nftables netdev rule on `dev` that drops `percent`
+/// of the TCP packets at `hook` (`numgen random mod 100 < percent`; 100 or more drops all). Removed
+/// with the namespace,
+/// or by [`nft_loss_clear`].
+pub fn nft_loss(dev: &str, hook: Hook, percent: u32) -> io::Result<()> {
+    let h = match hook {
+        Hook::Egress => "egress",
+        Hook::Ingress => "ingress",
+    };
+    let rule = match percent {
+        0 => String::new(),
+        1..=99 => format!("meta l4proto tcp numgen random mod 100 < {percent} drop"),
+        _ => "meta l4proto tcp drop".to_owned(),
+    };
+    let script = format!(
+        "table netdev subnetstack_loss {{\n  chain {h} {{\n    type filter hook {h} device \"{dev}\" priority 0;\n    {rule}\n  }}\n}}\n"
+    );
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| io::Error::new(e.kind(), format!("nft: {e}")))?;
+    io::Write::write_all(child.stdin.as_mut().expect("piped"), script.as_bytes())?;
+    drop(child.stdin.take());
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "nft failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Removes the rules of [`nft_loss`].
+pub fn nft_loss_clear() -> io::Result<()> {
+    run("nft", &["delete", "table", "netdev", "subnetstack_loss"])
+}
