@@ -1,11 +1,14 @@
 //! subnetstack: a userspace TCP/IP stack whose listeners bind to subnets.
 //!
-//! This facade re-exports the member crates. Today that is the subnet demux ([`demux`]); the
-//! devices, the protocol core and the runtime join it issue by issue (see the README).
+//! This facade re-exports the member crates: the subnet demux ([`demux`]) and the frame devices
+//! ([`ifaces`]); the protocol core and the runtime join them issue by issue (see the README).
 #![warn(missing_docs)]
 
 /// The subnet demux: bindings, longest-prefix lookup, reuseport selection, explain.
 pub use subnetstack_demux as demux;
+
+/// Frame devices: TAP, memory pair, impairment, pcap capture, private-namespace harness.
+pub use subnetstack_ifaces as ifaces;
 
 /// The README's code blocks, compiled and run as doctests so that they stay true.
 #[doc = include_str!("../README.md")]
