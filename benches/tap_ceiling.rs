@@ -64,23 +64,8 @@ fn run(queues: usize, batch: usize, payload: usize) -> f64 {
         let mut cfg = TapEnvConfig::new("sst-ceil", &["198.18.1.0/24"]);
         cfg.tap.queues = queues;
         let env = netns::tap_env(&cfg).expect("namespace and TAP");
-        let mac = env.queues[0]
-            .info()
-            .mac
-            .map(|b| format!("{b:02x}"))
-            .join(":");
-        netns::ip(&[
-            "neigh",
-            "add",
-            "198.18.1.2",
-            "lladdr",
-            &mac,
-            "dev",
-            &env.name,
-            "nud",
-            "permanent",
-        ])
-        .unwrap();
+        let mac = env.queues[0].info().mac;
+        netns::static_neighbor(&env.name, "198.18.1.2".parse().unwrap(), mac).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let count = Arc::new(AtomicU64::new(0));
         let echoes: Vec<_> = env

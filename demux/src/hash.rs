@@ -31,27 +31,16 @@ impl HashKey {
     pub fn flow_hash(&self, flow: &Flow) -> u64 {
         let mut h = self.hasher();
         match *flow {
-            Flow::V4 {
-                src,
-                sport,
-                dst,
-                dport,
-            } => {
+            Flow::V4 { src, dst, .. } => {
                 h.write(&src.octets());
                 h.write(&dst.octets());
-                h.write_u32(u32::from(sport) << 16 | u32::from(dport));
             }
-            Flow::V6 {
-                src,
-                sport,
-                dst,
-                dport,
-            } => {
+            Flow::V6 { src, dst, .. } => {
                 h.write(&src.octets());
                 h.write(&dst.octets());
-                h.write_u32(u32::from(sport) << 16 | u32::from(dport));
             }
         }
+        h.write_u32(u32::from(flow.sport()) << 16 | u32::from(flow.dport()));
         h.finish()
     }
 }

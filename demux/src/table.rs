@@ -683,18 +683,9 @@ impl Snapshot<'_> {
         dsts: &[(std::net::Ipv4Addr, u16)],
         out: &mut [Option<Group<'s>>],
     ) {
-        let mut q = [(0u32, 0u16); BATCH];
-        let mut l = [NONE; BATCH];
-        for (d, o) in dsts.chunks(BATCH).zip(out.chunks_mut(BATCH)) {
-            for (qi, &(a, p)) in q.iter_mut().zip(d) {
-                *qi = (u32::from(a), p);
-            }
-            self.fib
-                .lookup_batch_v4(protocol, &q[..d.len()], &mut l[..d.len()]);
-            for ((oi, &li), &(a, _)) in o.iter_mut().zip(&l[..d.len()]).zip(d) {
-                *oi = (li != NONE).then(|| self.fib.group(li, a.into()));
-            }
-        }
+        self.group_batch(dsts, out, u32::from, |q, l| {
+            self.fib.lookup_batch_v4(protocol, q, l)
+        })
     }
 
     /// Batched IPv6 group lookup; see [`group_batch_v4`](Self::group_batch_v4).
@@ -704,14 +695,26 @@ impl Snapshot<'_> {
         dsts: &[(std::net::Ipv6Addr, u16)],
         out: &mut [Option<Group<'s>>],
     ) {
-        let mut q = [(0u128, 0u16); BATCH];
+        self.group_batch(dsts, out, u128::from, |q, l| {
+            self.fib.lookup_batch_v6(protocol, q, l)
+        })
+    }
+
+    /// Both batched lookups: converts addresses to trie keys `BATCH` at a time, walks, resolves.
+    fn group_batch<'s, A: Copy + Into<IpAddr>, K: Copy + Default>(
+        &'s self,
+        dsts: &[(A, u16)],
+        out: &mut [Option<Group<'s>>],
+        key: fn(A) -> K,
+        walk: impl Fn(&[(K, u16)], &mut [u32]),
+    ) {
+        let mut q = [(K::default(), 0u16); BATCH];
         let mut l = [NONE; BATCH];
         for (d, o) in dsts.chunks(BATCH).zip(out.chunks_mut(BATCH)) {
             for (qi, &(a, p)) in q.iter_mut().zip(d) {
-                *qi = (u128::from(a), p);
+                *qi = (key(a), p);
             }
-            self.fib
-                .lookup_batch_v6(protocol, &q[..d.len()], &mut l[..d.len()]);
+            walk(&q[..d.len()], &mut l[..d.len()]);
             for ((oi, &li), &(a, _)) in o.iter_mut().zip(&l[..d.len()]).zip(d) {
                 *oi = (li != NONE).then(|| self.fib.group(li, a.into()));
             }

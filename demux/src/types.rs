@@ -275,6 +275,13 @@ impl Flow {
         }
     }
 
+    /// Remote (source) port.
+    pub fn sport(&self) -> u16 {
+        match *self {
+            Flow::V4 { sport, .. } | Flow::V6 { sport, .. } => sport,
+        }
+    }
+
     /// Local (destination) port.
     pub fn dport(&self) -> u16 {
         match *self {

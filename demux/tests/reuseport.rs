@@ -15,24 +15,23 @@ fn flows() -> impl Iterator<Item = Flow> {
     })
 }
 
-fn table(members: &[u64]) -> (Demux, Vec<BindingId>) {
-    let mut t = Demux::with_key(BindPolicy::Nested, HashKey(*b"subnetstack-test"));
+/// A reuseport member on 198.18.0.0/16:80.
+fn member(l: u64) -> Binding {
+    let net = "198.18.0.0/16".parse().unwrap();
+    Binding::new(Protocol::Tcp, net, PortSpec::Exact(80), ListenerId(l)).reuseport()
+}
+
+fn table_with_key(key: HashKey, members: &[u64]) -> (Demux, Vec<BindingId>) {
+    let mut t = Demux::with_key(BindPolicy::Nested, key);
     let ids = members
         .iter()
-        .map(|&l| {
-            t.bind(
-                Binding::new(
-                    Protocol::Tcp,
-                    "198.18.0.0/16".parse().unwrap(),
-                    PortSpec::Exact(80),
-                    ListenerId(l),
-                )
-                .reuseport(),
-            )
-            .unwrap()
-        })
+        .map(|&l| t.bind(member(l)).unwrap())
         .collect();
     (t, ids)
+}
+
+fn table(members: &[u64]) -> (Demux, Vec<BindingId>) {
+    table_with_key(HashKey(*b"subnetstack-test"), members)
 }
 
 fn assign(t: &Demux) -> Vec<ListenerId> {
@@ -74,16 +73,7 @@ fn removing_a_member_moves_only_its_flows() {
 fn adding_a_member_takes_about_one_nth() {
     let (mut t, _) = table(&(1..=10).collect::<Vec<_>>());
     let before = assign(&t);
-    t.bind(
-        Binding::new(
-            Protocol::Tcp,
-            "198.18.0.0/16".parse().unwrap(),
-            PortSpec::Exact(80),
-            ListenerId(11),
-        )
-        .reuseport(),
-    )
-    .unwrap();
+    t.bind(member(11)).unwrap();
     let after = assign(&t);
     let mut moved = 0;
     for (b, a) in before.iter().zip(&after) {
@@ -100,20 +90,7 @@ fn adding_a_member_takes_about_one_nth() {
 fn same_flow_same_member_and_key_matters() {
     let (t, _) = table(&[1, 2, 3, 4]);
     assert_eq!(assign(&t), assign(&t));
-    let mut other = Demux::with_key(BindPolicy::Nested, HashKey([0x42; 16]));
-    for l in 1..=4 {
-        other
-            .bind(
-                Binding::new(
-                    Protocol::Tcp,
-                    "198.18.0.0/16".parse().unwrap(),
-                    PortSpec::Exact(80),
-                    ListenerId(l),
-                )
-                .reuseport(),
-            )
-            .unwrap();
-    }
+    let (other, _) = table_with_key(HashKey([0x42; 16]), &[1, 2, 3, 4]);
     let same = assign(&t)
         .iter()
         .zip(assign(&other))

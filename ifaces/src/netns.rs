@@ -201,6 +201,23 @@ pub fn tap_env(cfg: &TapEnvConfig) -> io::Result<TapEnv> {
     })
 }
 
+/// A permanent kernel neighbour entry: `addr` is at `mac` on `dev` (so the kernel sends without
+/// ARP/NDP).
+pub fn static_neighbor(dev: &str, addr: IpAddr, mac: Mac) -> io::Result<()> {
+    let mac = mac.map(|b| format!("{b:02x}")).join(":");
+    ip(&[
+        "neigh",
+        "add",
+        &addr.to_string(),
+        "lladdr",
+        &mac,
+        "dev",
+        dev,
+        "nud",
+        "permanent",
+    ])
+}
+
 /// Brings `dev` up with the kernel's addresses on it.
 pub fn add_kernel_side(dev: &str) -> io::Result<()> {
     ip(&["link", "set", dev, "up"])?;

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use smoltcp::wire::{TcpControl, TcpRepr, TcpSeqNumber};
+use smoltcp::wire::{TcpControl, TcpRepr};
 use subnetstack_ifaces::netns::{self, ip, TapEnvConfig};
 use subnetstack_ifaces::tap::{Tap, TapConfig};
 use subnetstack_ifaces::{Batch, Csum, Device, FrameMeta, Gso, GsoKind};
@@ -74,19 +74,7 @@ fn multi_queue_spreads_flows_over_queues() {
     cfg.tap.queues = 2;
     let env = netns::tap_env(&cfg).unwrap();
     let mac = env.queues[0].info().mac;
-    let mac_s = mac.map(|b| format!("{b:02x}")).join(":");
-    ip(&[
-        "neigh",
-        "add",
-        "198.18.1.2",
-        "lladdr",
-        &mac_s,
-        "dev",
-        &env.name,
-        "nud",
-        "permanent",
-    ])
-    .unwrap();
+    netns::static_neighbor(&env.name, "198.18.1.2".parse().unwrap(), mac).unwrap();
     let mut queues = env.queues;
     assert_eq!(queues.len(), 2);
     const FLOWS: u16 = 64;
@@ -139,19 +127,7 @@ fn offload_receives_kernel_tso_super_frames() {
     let mut tap = env.queues.into_iter().next().unwrap();
     let mac = tap.info().mac;
     let mtu = tap.info().mtu;
-    let mac_s = mac.map(|b| format!("{b:02x}")).join(":");
-    ip(&[
-        "neigh",
-        "add",
-        "198.18.1.9",
-        "lladdr",
-        &mac_s,
-        "dev",
-        &env.name,
-        "nud",
-        "permanent",
-    ])
-    .unwrap();
+    netns::static_neighbor(&env.name, "198.18.1.9".parse().unwrap(), mac).unwrap();
     let sender = std::thread::spawn(|| {
         let mut s =
             TcpStream::connect_timeout(&"198.18.1.9:5000".parse().unwrap(), Duration::from_secs(5))
@@ -175,18 +151,17 @@ fn offload_receives_kernel_tso_super_frames() {
             }
             if seg.syn {
                 let synack = TcpRepr {
-                    src_port: 5000,
-                    dst_port: seg.sport,
-                    control: TcpControl::Syn,
-                    seq_number: TcpSeqNumber(5000),
-                    ack_number: Some(TcpSeqNumber(seg.seq + 1)),
-                    window_len: 65535,
                     window_scale: Some(7),
                     max_seg_size: Some(1460),
-                    sack_permitted: false,
-                    sack_ranges: [None; 3],
-                    timestamp: None,
-                    payload: &[],
+                    ..tcp_repr(
+                        5000,
+                        seg.sport,
+                        TcpControl::Syn,
+                        5000,
+                        Some(seg.seq + 1),
+                        65535,
+                        &[],
+                    )
                 };
                 out.push(
                     &tcp4_frame(mac, seg.peer_mac, seg.dst, seg.src, &synack),
@@ -216,20 +191,7 @@ fn offload_receives_kernel_tso_super_frames() {
     );
     // Reset the connection so that the sender thread ends now.
     let p = peer.unwrap();
-    let rst = TcpRepr {
-        src_port: 5000,
-        dst_port: p.sport,
-        control: TcpControl::Rst,
-        seq_number: TcpSeqNumber(5001),
-        ack_number: None,
-        window_len: 0,
-        window_scale: None,
-        max_seg_size: None,
-        sack_permitted: false,
-        sack_ranges: [None; 3],
-        timestamp: None,
-        payload: &[],
-    };
+    let rst = tcp_repr(5000, p.sport, TcpControl::Rst, 5001, None, 0, &[]);
     let mut out = Batch::new(1, 256);
     out.push(
         &tcp4_frame(mac, p.peer_mac, p.dst, p.src, &rst),
@@ -267,38 +229,13 @@ fn offload_transmits_tso_super_frames_that_the_kernel_segments() {
     let mut b = Tap::open(&TapConfig::new("sst-tso-b")).unwrap().remove(0);
     ip(&["link", "set", "sst-tso-b", "up"]).unwrap();
     ip(&["addr", "add", "198.18.200.1/24", "dev", "sst-tso-b"]).unwrap();
-    let b_mac = b.info().mac.map(|x| format!("{x:02x}")).join(":");
-    ip(&[
-        "neigh",
-        "add",
-        "198.18.200.2",
-        "lladdr",
-        &b_mac,
-        "dev",
-        "sst-tso-b",
-        "nud",
-        "permanent",
-    ])
-    .unwrap();
+    netns::static_neighbor("sst-tso-b", "198.18.200.2".parse().unwrap(), b.info().mac).unwrap();
     netns::run("sysctl", &["-qw", "net.ipv4.ip_forward=1"]).unwrap();
 
     const MSS: usize = 1448;
     let payload: Vec<u8> = (0..60_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let (src, dst) = (Ipv4Addr::new(198, 18, 1, 9), Ipv4Addr::new(198, 18, 200, 2));
-    let repr = TcpRepr {
-        src_port: 40000,
-        dst_port: 5001,
-        control: TcpControl::Psh,
-        seq_number: TcpSeqNumber(1000),
-        ack_number: Some(TcpSeqNumber(1)),
-        window_len: 1000,
-        window_scale: None,
-        max_seg_size: None,
-        sack_permitted: false,
-        sack_ranges: [None; 3],
-        timestamp: None,
-        payload: &payload,
-    };
+    let repr = tcp_repr(40000, 5001, TcpControl::Psh, 1000, Some(1), 1000, &payload);
     let mut frame = tcp4_frame(a.info().mac, env.kernel_mac, src, dst, &repr);
     // Partial checksum, as a TSO sender hands it over: the pseudo-header sum only.
     let sum = pseudo_header_sum(src, dst, 6, 20 + payload.len());
@@ -359,19 +296,7 @@ fn nft_loss_helper_drops_kernel_tcp_only() {
     }
     let env = netns::tap_env(&TapEnvConfig::new("sst-nft", &["198.18.1.0/24"])).unwrap();
     let mut tap = env.queues.into_iter().next().unwrap();
-    let mac_s = tap.info().mac.map(|b| format!("{b:02x}")).join(":");
-    ip(&[
-        "neigh",
-        "add",
-        "198.18.1.3",
-        "lladdr",
-        &mac_s,
-        "dev",
-        &env.name,
-        "nud",
-        "permanent",
-    ])
-    .unwrap();
+    netns::static_neighbor(&env.name, "198.18.1.3".parse().unwrap(), tap.info().mac).unwrap();
     netns::nft_loss(&env.name, netns::Hook::Egress, 100).expect("nft (nftables) is installed");
     // Count what reaches the TAP from one TCP connect attempt and one UDP datagram.
     let probe = |tap: &mut Tap| {

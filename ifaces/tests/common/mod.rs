@@ -8,8 +8,8 @@ use std::time::Duration;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
-    EthernetRepr, Icmpv4Packet, Icmpv4Repr, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, TcpPacket,
-    TcpRepr,
+    EthernetRepr, Icmpv4Packet, Icmpv4Repr, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr,
+    TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
 };
 use subnetstack_ifaces::Mac;
 
@@ -185,4 +185,30 @@ pub fn tcp4_frame(
             &ChecksumCapabilities::default(),
         )
     })
+}
+
+/// A TCP header without options.
+pub fn tcp_repr(
+    sport: u16,
+    dport: u16,
+    control: TcpControl,
+    seq: i32,
+    ack: Option<i32>,
+    window: u16,
+    payload: &[u8],
+) -> TcpRepr<'_> {
+    TcpRepr {
+        src_port: sport,
+        dst_port: dport,
+        control,
+        seq_number: TcpSeqNumber(seq),
+        ack_number: ack.map(TcpSeqNumber),
+        window_len: window,
+        window_scale: None,
+        max_seg_size: None,
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload,
+    }
 }
