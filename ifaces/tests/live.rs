@@ -2,18 +2,16 @@
 //! thread enters it). They skip with a printed reason without root or /dev/net/tun, and fail
 //! instead when SUBNETSTACK_REQUIRE_LIVE is set (CI).
 
-mod common;
-
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
 use smoltcp::wire::{TcpControl, TcpRepr};
 use subnetstack_ifaces::netns::{self, ip, TapEnvConfig};
 use subnetstack_ifaces::tap::{Tap, TapConfig};
 use subnetstack_ifaces::{Batch, Csum, Device, FrameMeta, Gso, GsoKind};
+use subnetstack_testkit::*;
 
 fn in_prefix(a: Ipv4Addr, net: &str) -> bool {
     let n: ipnet::Ipv4Net = net.parse().unwrap();

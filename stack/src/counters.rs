@@ -1,0 +1,147 @@
+//! Per-reason drop counters: every frame the stack does not use is counted under one reason.
+
+use std::fmt;
+
+macro_rules! reasons {
+    ($($name:ident => $text:literal,)*) => {
+        /// Why a frame (or a datagram, or a queued packet) was dropped.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[repr(usize)]
+        pub enum DropReason {
+            $(
+                #[doc = $text]
+                $name,
+            )*
+        }
+
+        impl DropReason {
+            /// Every reason, in counter order.
+            pub const ALL: &'static [DropReason] = &[$(DropReason::$name,)*];
+
+            /// A stable snake_case name (for metrics).
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(DropReason::$name => stringify!($name),)*
+                }
+            }
+
+            /// What it means.
+            pub fn describe(self) -> &'static str {
+                match self {
+                    $(DropReason::$name => $text,)*
+                }
+            }
+        }
+    };
+}
+
+reasons! {
+    EthTruncated => "Ethernet frame shorter than its header",
+    EthNotForUs => "destination MAC is neither ours, broadcast nor a solicited-node multicast",
+    EthUnknownType => "EtherType other than ARP, IPv4, IPv6",
+    ArpMalformed => "ARP packet that does not parse as Ethernet/IPv4 ARP",
+    ArpNotLocal => "ARP request for an address outside the local prefixes",
+    Ipv4Truncated => "IPv4 packet shorter than 20 bytes",
+    Ipv4BadVersion => "IPv4 version field is not 4",
+    Ipv4BadHeaderLen => "IPv4 IHL below 5 or past the packet",
+    Ipv4BadTotalLen => "IPv4 total length below the header or past the frame",
+    Ipv4BadChecksum => "IPv4 header checksum mismatch",
+    Ipv4BadSource => "IPv4 source is multicast, broadcast or unspecified",
+    Ipv6Truncated => "IPv6 packet shorter than 40 bytes",
+    Ipv6BadVersion => "IPv6 version field is not 6",
+    Ipv6BadPayloadLen => "IPv6 payload length past the frame",
+    Ipv6BadSource => "IPv6 source is multicast",
+    Ipv6BadExtHeader => "IPv6 extension header truncated, misplaced or too many",
+    Ipv6RoutingHeader => "IPv6 routing header with segments left (we do not forward)",
+    NotLocal => "destination outside the local prefixes",
+    NoProtocol => "transport protocol not served",
+    FragDisabled => "fragment received while reassembly is off",
+    FragMalformed => "fragment with a bad offset or length",
+    FragOverlap => "fragment overlapping another of its datagram",
+    FragTooBig => "reassembled datagram would pass 65535 bytes",
+    FragNoMemory => "reassembly memory limit reached",
+    FragTimeout => "datagram not completed before the reassembly timeout",
+    IcmpMalformed => "ICMP/ICMPv6 message that does not parse or fails its checksum",
+    IcmpUnhandled => "ICMP message type we do not act on",
+    NdpBadHopLimit => "NDP message with hop limit other than 255",
+    NdpNotLocal => "neighbour solicitation for an address outside the local prefixes",
+    UdpMalformed => "UDP header truncated or length field inconsistent",
+    UdpBadChecksum => "UDP checksum mismatch",
+    UdpZeroChecksumV6 => "UDP over IPv6 with a zero checksum (mandatory in IPv6)",
+    UdpNoBinding => "UDP datagram for a local address and port nobody bound",
+    UdpQueueFull => "UDP socket receive queue full",
+    IcmpRateLimited => "ICMP error not sent: rate limit",
+    NeighborCacheFull => "packet dropped: neighbour cache full",
+    NeighborQueueFull => "packet dropped: too many packets waiting for one neighbour",
+    NeighborUnreachable => "packet dropped: next hop did not answer ARP/NDP",
+    TxQueueFull => "outgoing frame dropped: transmit queue full",
+}
+
+/// Counters of one stack (shard).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Frames handed to the stack.
+    pub rx_frames: u64,
+    /// Frames the stack produced.
+    pub tx_frames: u64,
+    /// ICMP/ICMPv6 echo replies sent.
+    pub echo_replies: u64,
+    /// ARP replies and neighbour advertisements sent.
+    pub neighbor_replies: u64,
+    /// Datagrams delivered to UDP sockets.
+    pub udp_delivered: u64,
+    /// Datagrams sent from UDP sockets.
+    pub udp_sent: u64,
+    /// Datagrams completed by reassembly.
+    pub reassembled: u64,
+    drops: Vec<u64>,
+}
+
+impl Counters {
+    /// Counts a drop.
+    #[inline]
+    pub fn drop(&mut self, r: DropReason) {
+        if self.drops.is_empty() {
+            self.drops = vec![0; DropReason::ALL.len()];
+        }
+        self.drops[r as usize] += 1;
+    }
+
+    /// Drops counted under `r`.
+    pub fn dropped(&self, r: DropReason) -> u64 {
+        self.drops.get(r as usize).copied().unwrap_or(0)
+    }
+
+    /// All drops.
+    pub fn dropped_total(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+
+    /// Non-zero drop counters.
+    pub fn drops(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
+        DropReason::ALL
+            .iter()
+            .map(|&r| (r, self.dropped(r)))
+            .filter(|&(_, n)| n > 0)
+    }
+}
+
+impl fmt::Display for Counters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "rx {} tx {} echo {} neigh {} udp in {} out {} reassembled {}",
+            self.rx_frames,
+            self.tx_frames,
+            self.echo_replies,
+            self.neighbor_replies,
+            self.udp_delivered,
+            self.udp_sent,
+            self.reassembled
+        )?;
+        for (r, n) in self.drops() {
+            write!(f, " {}={n}", r.name())?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,306 @@
+//! Neighbour cache for the stack's own sends (ARP for IPv4, NDP for IPv6): bounded, with expiry,
+//! retries, and a bounded queue of frames waiting for each resolution.
+//!
+//! Only next hops the stack sends to have entries; the stack answers ARP/NDP for its local
+//! addresses without any per-address state.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use subnetstack_ifaces::Mac;
+
+/// Limits and timers.
+#[derive(Clone, Debug)]
+pub struct NeighborConfig {
+    /// Most entries.
+    pub capacity: usize,
+    /// Bytes of frames queued per unresolved neighbour (a whole fragmented 64 KiB datagram fits).
+    pub pending_bytes: usize,
+    /// How long a learned address stays usable.
+    pub reachable: Duration,
+    /// Time between solicitations.
+    pub retry: Duration,
+    /// Solicitations before giving up.
+    pub tries: u8,
+}
+
+impl Default for NeighborConfig {
+    fn default() -> Self {
+        NeighborConfig {
+            capacity: 1024,
+            pending_bytes: 128 * 1024,
+            reachable: Duration::from_secs(30),
+            retry: Duration::from_secs(1),
+            tries: 3,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum State {
+    Reachable { mac: Mac, expires: Duration },
+    Incomplete { next_try: Duration, tries: u8 },
+}
+
+#[derive(Debug)]
+struct Entry {
+    state: State,
+    /// Our address to solicit from (the source of the first packet that needed this neighbour).
+    src: IpAddr,
+    /// Whole frames whose destination MAC is to be filled in.
+    pending: VecDeque<Vec<u8>>,
+}
+
+/// What to do with a frame for a next hop.
+#[derive(Debug)]
+pub enum Resolve {
+    /// Send now to this MAC.
+    Send(Mac, Vec<u8>),
+    /// Queued; send a solicitation now if `solicit`.
+    Queued {
+        /// A solicitation is due.
+        solicit: bool,
+    },
+    /// Not queued: cache or queue full (the frame is handed back for recycling).
+    Dropped(Vec<u8>, crate::DropReason),
+}
+
+/// The cache.
+#[derive(Debug, Default)]
+pub struct NeighborCache {
+    cfg: NeighborConfig,
+    map: HashMap<IpAddr, Entry>,
+}
+
+impl NeighborCache {
+    /// An empty cache.
+    pub fn new(cfg: NeighborConfig) -> Self {
+        NeighborCache {
+            cfg,
+            map: HashMap::new(),
+        }
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// The MAC of a resolved neighbour.
+    pub fn get(&self, ip: IpAddr, now: Duration) -> Option<Mac> {
+        match self.map.get(&ip)?.state {
+            State::Reachable { mac, expires } if expires > now => Some(mac),
+            _ => None,
+        }
+    }
+
+    /// Makes room for one entry; false if none can be evicted.
+    fn make_room(&mut self, now: Duration) -> bool {
+        if self.map.len() < self.cfg.capacity {
+            return true;
+        }
+        // Evict the reachable entry that expires first (expired ones first of all).
+        let victim = self
+            .map
+            .iter()
+            .filter_map(|(ip, e)| match e.state {
+                State::Reachable { expires, .. } if e.pending.is_empty() => {
+                    Some((expires.min(now), *ip))
+                }
+                _ => None,
+            })
+            .min_by_key(|(t, _)| *t)
+            .map(|(_, ip)| ip);
+        match victim {
+            Some(ip) => {
+                self.map.remove(&ip);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Resolves `ip` for `frame` (a whole frame, destination MAC to be set) sent from our
+    /// address `src`.
+    pub fn resolve(&mut self, ip: IpAddr, src: IpAddr, frame: Vec<u8>, now: Duration) -> Resolve {
+        if let Some(mac) = self.get(ip, now) {
+            return Resolve::Send(mac, frame);
+        }
+        if !self.map.contains_key(&ip) && !self.make_room(now) {
+            return Resolve::Dropped(frame, crate::DropReason::NeighborCacheFull);
+        }
+        let cfg = &self.cfg;
+        let e = self.map.entry(ip).or_insert_with(|| Entry {
+            state: State::Incomplete {
+                next_try: now,
+                tries: 0,
+            },
+            src,
+            pending: VecDeque::new(),
+        });
+        if let State::Reachable { .. } = e.state {
+            e.src = src;
+            // Expired: resolve again.
+            e.state = State::Incomplete {
+                next_try: now,
+                tries: 0,
+            };
+        }
+        if e.pending.iter().map(Vec::len).sum::<usize>() + frame.len() > cfg.pending_bytes {
+            return Resolve::Dropped(frame, crate::DropReason::NeighborQueueFull);
+        }
+        e.pending.push_back(frame);
+        let State::Incomplete { next_try, tries } = &mut e.state else {
+            unreachable!("set above")
+        };
+        let solicit = *next_try <= now;
+        if solicit {
+            *tries += 1;
+            *next_try = now + cfg.retry;
+        }
+        Resolve::Queued { solicit }
+    }
+
+    /// Records that `ip` is at `mac`. Creates an entry only if `create` (the message was addressed
+    /// to us); otherwise refreshes an existing one. Returns frames that were waiting, addressed.
+    pub fn learn(&mut self, ip: IpAddr, mac: Mac, now: Duration, create: bool) -> Vec<Vec<u8>> {
+        if !self.map.contains_key(&ip) && (!create || !self.make_room(now)) {
+            return Vec::new();
+        }
+        let e = self.map.entry(ip).or_insert_with(|| Entry {
+            state: State::Incomplete {
+                next_try: now,
+                tries: 0,
+            },
+            src: ip,
+            pending: VecDeque::new(),
+        });
+        e.state = State::Reachable {
+            mac,
+            expires: now + self.cfg.reachable,
+        };
+        e.pending
+            .drain(..)
+            .map(|mut f| {
+                f[..6].copy_from_slice(&mac);
+                f
+            })
+            .collect()
+    }
+
+    /// Timers: returns the neighbours to solicit again (with the address to solicit from), and
+    /// the frames dropped for neighbours that never answered.
+    pub fn poll(&mut self, now: Duration) -> (Vec<(IpAddr, IpAddr)>, Vec<Vec<u8>>) {
+        let mut again = Vec::new();
+        let mut dead = Vec::new();
+        let tries = self.cfg.tries;
+        let retry = self.cfg.retry;
+        self.map.retain(|ip, e| match &mut e.state {
+            State::Incomplete { next_try, tries: t } if *next_try <= now => {
+                if *t >= tries {
+                    dead.extend(e.pending.drain(..));
+                    false
+                } else {
+                    *t += 1;
+                    *next_try = now + retry;
+                    again.push((*ip, e.src));
+                    true
+                }
+            }
+            State::Reachable { expires, .. } => {
+                *expires + retry * 60 > now || !e.pending.is_empty()
+            }
+            _ => true,
+        });
+        (again, dead)
+    }
+
+    /// When [`poll`](Self::poll) next has work.
+    pub fn next_deadline(&self) -> Option<Duration> {
+        self.map
+            .values()
+            .filter_map(|e| match e.state {
+                State::Incomplete { next_try, .. } => Some(next_try),
+                State::Reachable { .. } => None,
+            })
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAC: Mac = [2, 0, 0, 0, 0, 9];
+
+    fn ip(n: u8) -> IpAddr {
+        IpAddr::V4(std::net::Ipv4Addr::new(198, 19, 255, n))
+    }
+
+    #[test]
+    fn queue_solicit_learn_flush() {
+        let mut c = NeighborCache::new(NeighborConfig::default());
+        let t = Duration::from_secs(1);
+        assert!(matches!(
+            c.resolve(ip(1), ip(9), vec![0; 20], t),
+            Resolve::Queued { solicit: true }
+        ));
+        assert!(matches!(
+            c.resolve(ip(1), ip(9), vec![1; 20], t),
+            Resolve::Queued { solicit: false }
+        ));
+        let flushed = c.learn(ip(1), MAC, t, false);
+        assert_eq!(flushed.len(), 2);
+        assert!(flushed.iter().all(|f| f[..6] == MAC));
+        assert!(matches!(c.resolve(ip(1), ip(9), vec![0; 20], t), Resolve::Send(m, _) if m == MAC));
+        // Expiry.
+        assert_eq!(c.get(ip(1), t + Duration::from_secs(31)), None);
+    }
+
+    #[test]
+    fn learning_unsolicited_needs_create() {
+        let mut c = NeighborCache::new(NeighborConfig::default());
+        c.learn(ip(2), MAC, Duration::ZERO, false);
+        assert!(c.is_empty());
+        c.learn(ip(2), MAC, Duration::ZERO, true);
+        assert_eq!(c.get(ip(2), Duration::ZERO), Some(MAC));
+    }
+
+    #[test]
+    fn retries_then_gives_up_and_bounds_hold() {
+        let cfg = NeighborConfig {
+            capacity: 2,
+            pending_bytes: 40,
+            ..Default::default()
+        };
+        let mut c = NeighborCache::new(cfg);
+        let t0 = Duration::ZERO;
+        c.resolve(ip(1), ip(9), vec![0; 20], t0);
+        c.resolve(ip(1), ip(9), vec![0; 20], t0);
+        assert!(matches!(
+            c.resolve(ip(1), ip(9), vec![0; 20], t0),
+            Resolve::Dropped(_, crate::DropReason::NeighborQueueFull)
+        ));
+        c.resolve(ip(2), ip(9), vec![0; 20], t0);
+        assert!(matches!(
+            c.resolve(ip(3), ip(9), vec![0; 20], t0),
+            Resolve::Dropped(_, crate::DropReason::NeighborCacheFull)
+        ));
+        let mut solicits = 0;
+        let mut dead = 0;
+        for s in 1..10 {
+            let (again, d) = c.poll(Duration::from_secs(s));
+            solicits += again.len();
+            dead += d.len();
+        }
+        assert_eq!(solicits, 4, "two more tries each after the first");
+        assert_eq!(dead, 3);
+        assert!(c.is_empty());
+    }
+}

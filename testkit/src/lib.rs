@@ -1,0 +1,453 @@
+//! Test helpers shared by the workspace's tests: hand-built frames (with `smoltcp::wire`) that
+//! stand in for a peer or for the stack, and fd polling.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::time::Duration;
+
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+    EthernetRepr, Icmpv4Packet, Icmpv4Repr, Icmpv6Packet, Icmpv6Repr, IpAddress, IpProtocol,
+    Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, NdiscRepr, TcpControl, TcpPacket, TcpRepr,
+    TcpSeqNumber, UdpPacket, UdpRepr,
+};
+use subnetstack_ifaces::Mac;
+
+/// Waits until `fd` is readable or `timeout` passes.
+pub fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut p, 1, timeout.as_millis() as libc::c_int) > 0 }
+}
+
+/// An Ethernet + IPv4 frame whose transport payload `emit` writes.
+pub fn eth_ipv4(src: Mac, dst: Mac, ip: Ipv4Repr, emit: impl FnOnce(&mut [u8])) -> Vec<u8> {
+    let mut buf = vec![0u8; 14 + 20 + ip.payload_len];
+    EthernetRepr {
+        src_addr: EthernetAddress(src),
+        dst_addr: EthernetAddress(dst),
+        ethertype: EthernetProtocol::Ipv4,
+    }
+    .emit(&mut EthernetFrame::new_unchecked(&mut buf[..]));
+    ip.emit(
+        &mut Ipv4Packet::new_unchecked(&mut buf[14..]),
+        &ChecksumCapabilities::default(),
+    );
+    emit(&mut buf[34..]);
+    buf
+}
+
+/// The reply to an ARP request for an address `owns` accepts.
+pub fn arp_reply(frame: &[u8], mac: Mac, owns: impl Fn(Ipv4Addr) -> bool) -> Option<Vec<u8>> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    if eth.ethertype() != EthernetProtocol::Arp {
+        return None;
+    }
+    let ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_hardware_addr,
+        source_protocol_addr,
+        target_protocol_addr,
+        ..
+    } = ArpRepr::parse(&ArpPacket::new_checked(eth.payload()).ok()?).ok()?
+    else {
+        return None;
+    };
+    if !owns(target_protocol_addr) {
+        return None;
+    }
+    let reply = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Reply,
+        source_hardware_addr: EthernetAddress(mac),
+        source_protocol_addr: target_protocol_addr,
+        target_hardware_addr: source_hardware_addr,
+        target_protocol_addr: source_protocol_addr,
+    };
+    let mut buf = vec![0u8; 14 + reply.buffer_len()];
+    EthernetRepr {
+        src_addr: EthernetAddress(mac),
+        dst_addr: source_hardware_addr,
+        ethertype: EthernetProtocol::Arp,
+    }
+    .emit(&mut EthernetFrame::new_unchecked(&mut buf[..]));
+    reply.emit(&mut ArpPacket::new_unchecked(&mut buf[14..]));
+    Some(buf)
+}
+
+/// The IPv4 header and payload of a frame, if it is IPv4.
+pub fn ipv4(frame: &[u8]) -> Option<(Ipv4Repr, &[u8], Mac)> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    if eth.ethertype() != EthernetProtocol::Ipv4 {
+        return None;
+    }
+    let src_mac = eth.src_addr().0;
+    let payload = eth.payload();
+    let p = Ipv4Packet::new_checked(payload).ok()?;
+    let caps = ChecksumCapabilities::ignored();
+    let r = Ipv4Repr::parse(&p, &caps).ok()?;
+    let hl = p.header_len() as usize;
+    let total = p.total_len() as usize;
+    Some((r, &payload[hl..total.min(payload.len())], src_mac))
+}
+
+/// The echo reply to an ICMP echo request.
+pub fn echo_reply(frame: &[u8], mac: Mac) -> Option<Vec<u8>> {
+    let (ip, payload, peer) = ipv4(frame)?;
+    if ip.next_header != IpProtocol::Icmp {
+        return None;
+    }
+    let caps = ChecksumCapabilities::default();
+    let Icmpv4Repr::EchoRequest {
+        ident,
+        seq_no,
+        data,
+    } = Icmpv4Repr::parse(&Icmpv4Packet::new_checked(payload).ok()?, &caps).ok()?
+    else {
+        return None;
+    };
+    let reply = Icmpv4Repr::EchoReply {
+        ident,
+        seq_no,
+        data,
+    };
+    let out_ip = Ipv4Repr {
+        src_addr: ip.dst_addr,
+        dst_addr: ip.src_addr,
+        next_header: IpProtocol::Icmp,
+        payload_len: reply.buffer_len(),
+        hop_limit: 64,
+    };
+    Some(eth_ipv4(mac, peer, out_ip, |b| {
+        reply.emit(&mut Icmpv4Packet::new_unchecked(b), &caps)
+    }))
+}
+
+/// What the tests need of a TCP/IPv4 segment.
+#[derive(Clone, Debug)]
+pub struct Seg {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub seq: i32,
+    pub ack: Option<i32>,
+    pub syn: bool,
+    pub payload: Vec<u8>,
+    pub peer_mac: Mac,
+    pub ttl: u8,
+}
+
+/// Parses a TCP/IPv4 frame (checksums not verified: offloaded frames carry partial ones).
+pub fn tcp4(frame: &[u8]) -> Option<Seg> {
+    let (ip, payload, peer_mac) = ipv4(frame)?;
+    if ip.next_header != IpProtocol::Tcp {
+        return None;
+    }
+    let p = TcpPacket::new_checked(payload).ok()?;
+    Some(Seg {
+        src: ip.src_addr,
+        dst: ip.dst_addr,
+        sport: p.src_port(),
+        dport: p.dst_port(),
+        seq: p.seq_number().0,
+        ack: p.ack().then(|| p.ack_number().0),
+        syn: p.syn(),
+        payload: p.payload().to_vec(),
+        peer_mac,
+        ttl: ip.hop_limit,
+    })
+}
+
+/// A TCP/IPv4 frame with full checksums.
+pub fn tcp4_frame(
+    src_mac: Mac,
+    dst_mac: Mac,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    repr: &TcpRepr,
+) -> Vec<u8> {
+    let ip = Ipv4Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: IpProtocol::Tcp,
+        payload_len: repr.buffer_len(),
+        hop_limit: 64,
+    };
+    eth_ipv4(src_mac, dst_mac, ip, |b| {
+        repr.emit(
+            &mut TcpPacket::new_unchecked(b),
+            &IpAddress::Ipv4(src),
+            &IpAddress::Ipv4(dst),
+            &ChecksumCapabilities::default(),
+        )
+    })
+}
+
+/// A TCP header without options.
+pub fn tcp_repr(
+    sport: u16,
+    dport: u16,
+    control: TcpControl,
+    seq: i32,
+    ack: Option<i32>,
+    window: u16,
+    payload: &[u8],
+) -> TcpRepr<'_> {
+    TcpRepr {
+        src_port: sport,
+        dst_port: dport,
+        control,
+        seq_number: TcpSeqNumber(seq),
+        ack_number: ack.map(TcpSeqNumber),
+        window_len: window,
+        window_scale: None,
+        max_seg_size: None,
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload,
+    }
+}
+
+/// An Ethernet + IPv6 frame whose payload `emit` writes (`next` is the first next header).
+pub fn eth_ipv6(src: Mac, dst: Mac, ip: Ipv6Repr, emit: impl FnOnce(&mut [u8])) -> Vec<u8> {
+    let mut buf = vec![0u8; 14 + 40 + ip.payload_len];
+    EthernetRepr {
+        src_addr: EthernetAddress(src),
+        dst_addr: EthernetAddress(dst),
+        ethertype: EthernetProtocol::Ipv6,
+    }
+    .emit(&mut EthernetFrame::new_unchecked(&mut buf[..]));
+    ip.emit(&mut Ipv6Packet::new_unchecked(&mut buf[14..]));
+    emit(&mut buf[54..]);
+    buf
+}
+
+/// An ARP request from `(mac, ip)` for `target`.
+pub fn arp_request(mac: Mac, ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let req = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_hardware_addr: EthernetAddress(mac),
+        source_protocol_addr: ip,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: target,
+    };
+    let mut buf = vec![0u8; 14 + req.buffer_len()];
+    EthernetRepr {
+        src_addr: EthernetAddress(mac),
+        dst_addr: EthernetAddress([0xff; 6]),
+        ethertype: EthernetProtocol::Arp,
+    }
+    .emit(&mut EthernetFrame::new_unchecked(&mut buf[..]));
+    req.emit(&mut ArpPacket::new_unchecked(&mut buf[14..]));
+    buf
+}
+
+/// A UDP datagram in an Ethernet frame, IPv4 or IPv6 by the addresses, with a correct checksum.
+pub fn udp_frame(
+    src_mac: Mac,
+    dst_mac: Mac,
+    src: SocketAddr,
+    dst: SocketAddr,
+    payload: &[u8],
+) -> Vec<u8> {
+    let udp = UdpRepr {
+        src_port: src.port(),
+        dst_port: dst.port(),
+    };
+    let len = 8 + payload.len();
+    let emit = |b: &mut [u8]| {
+        udp.emit(
+            &mut UdpPacket::new_unchecked(b),
+            &src.ip().into(),
+            &dst.ip().into(),
+            payload.len(),
+            |p| p.copy_from_slice(payload),
+            &ChecksumCapabilities::default(),
+        )
+    };
+    match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth_ipv4(
+            src_mac,
+            dst_mac,
+            Ipv4Repr {
+                src_addr: s,
+                dst_addr: d,
+                next_header: IpProtocol::Udp,
+                payload_len: len,
+                hop_limit: 64,
+            },
+            emit,
+        ),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth_ipv6(
+            src_mac,
+            dst_mac,
+            Ipv6Repr {
+                src_addr: s,
+                dst_addr: d,
+                next_header: IpProtocol::Udp,
+                payload_len: len,
+                hop_limit: 64,
+            },
+            emit,
+        ),
+        _ => panic!("mixed families"),
+    }
+}
+
+/// A UDP datagram parsed from a frame: `(src, dst, payload)`. Checksums are verified.
+pub fn udp(frame: &[u8]) -> Option<(SocketAddr, SocketAddr, Vec<u8>)> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    let caps = ChecksumCapabilities::default();
+    let (src, dst, l4): (IpAddr, IpAddr, &[u8]) = match eth.ethertype() {
+        EthernetProtocol::Ipv4 => {
+            let p = Ipv4Packet::new_checked(eth.payload()).ok()?;
+            let r = Ipv4Repr::parse(&p, &caps).ok()?;
+            if r.next_header != IpProtocol::Udp {
+                return None;
+            }
+            (
+                r.src_addr.into(),
+                r.dst_addr.into(),
+                &eth.payload()[usize::from(p.header_len())..usize::from(p.total_len())],
+            )
+        }
+        EthernetProtocol::Ipv6 => {
+            let p = Ipv6Packet::new_checked(eth.payload()).ok()?;
+            if p.next_header() != IpProtocol::Udp {
+                return None;
+            }
+            (
+                p.src_addr().into(),
+                p.dst_addr().into(),
+                &eth.payload()[40..40 + usize::from(p.payload_len())],
+            )
+        }
+        _ => return None,
+    };
+    let p = UdpPacket::new_checked(l4).ok()?;
+    let r = UdpRepr::parse(&p, &src.into(), &dst.into(), &caps).ok()?;
+    Some((
+        SocketAddr::new(src, r.src_port),
+        SocketAddr::new(dst, r.dst_port),
+        p.payload().to_vec(),
+    ))
+}
+
+/// An ICMP echo request, IPv4 or IPv6 by the addresses.
+pub fn echo_request(src_mac: Mac, dst_mac: Mac, src: IpAddr, dst: IpAddr, seq: u16) -> Vec<u8> {
+    let data = b"subnetstack ping";
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let r = Icmpv4Repr::EchoRequest {
+                ident: 7,
+                seq_no: seq,
+                data,
+            };
+            let ip = Ipv4Repr {
+                src_addr: s,
+                dst_addr: d,
+                next_header: IpProtocol::Icmp,
+                payload_len: r.buffer_len(),
+                hop_limit: 64,
+            };
+            eth_ipv4(src_mac, dst_mac, ip, |b| {
+                r.emit(
+                    &mut Icmpv4Packet::new_unchecked(b),
+                    &ChecksumCapabilities::default(),
+                )
+            })
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let r = Icmpv6Repr::EchoRequest {
+                ident: 7,
+                seq_no: seq,
+                data,
+            };
+            icmpv6_frame(src_mac, dst_mac, s, d, 64, &r)
+        }
+        _ => panic!("mixed families"),
+    }
+}
+
+/// An ICMPv6 message in a frame.
+pub fn icmpv6_frame(
+    src_mac: Mac,
+    dst_mac: Mac,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    hop: u8,
+    r: &Icmpv6Repr,
+) -> Vec<u8> {
+    let ip = Ipv6Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: IpProtocol::Icmpv6,
+        payload_len: r.buffer_len(),
+        hop_limit: hop,
+    };
+    eth_ipv6(src_mac, dst_mac, ip, |b| {
+        r.emit(
+            &src,
+            &dst,
+            &mut Icmpv6Packet::new_unchecked(b),
+            &ChecksumCapabilities::default(),
+        )
+    })
+}
+
+/// A neighbour solicitation from `(mac, src)` for `target`, to its solicited-node group.
+pub fn neighbor_solicit(mac: Mac, src: Ipv6Addr, target: Ipv6Addr, hop: u8) -> Vec<u8> {
+    let o = target.octets();
+    let group = Ipv6Addr::new(
+        0xff02,
+        0,
+        0,
+        0,
+        0,
+        1,
+        0xff00 | u16::from(o[13]),
+        u16::from_be_bytes([o[14], o[15]]),
+    );
+    let ns = Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit {
+        target_addr: target,
+        lladdr: Some(EthernetAddress(mac).into()),
+    });
+    icmpv6_frame(
+        mac,
+        [0x33, 0x33, 0xff, o[13], o[14], o[15]],
+        src,
+        group,
+        hop,
+        &ns,
+    )
+}
+
+/// The ICMPv4 message of a frame.
+pub fn icmpv4(frame: &[u8]) -> Option<(Ipv4Repr, Vec<u8>)> {
+    let (ip, payload, _) = ipv4(frame)?;
+    (ip.next_header == IpProtocol::Icmp).then(|| (ip, payload.to_vec()))
+}
+
+/// The ICMPv6 message of a frame: `(src, dst, hop limit, message bytes)`.
+pub fn icmpv6(frame: &[u8]) -> Option<(Ipv6Addr, Ipv6Addr, u8, Vec<u8>)> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    if eth.ethertype() != EthernetProtocol::Ipv6 {
+        return None;
+    }
+    let p = Ipv6Packet::new_checked(eth.payload()).ok()?;
+    if p.next_header() != IpProtocol::Icmpv6 {
+        return None;
+    }
+    Some((
+        p.src_addr(),
+        p.dst_addr(),
+        p.hop_limit(),
+        eth.payload()[40..40 + usize::from(p.payload_len())].to_vec(),
+    ))
+}
