@@ -451,3 +451,82 @@ pub fn icmpv6(frame: &[u8]) -> Option<(Ipv6Addr, Ipv6Addr, u8, Vec<u8>)> {
         eth.payload()[40..40 + usize::from(p.payload_len())].to_vec(),
     ))
 }
+
+/// Turns fuzzer bytes into frames for a stack with MAC `dst_mac` and local prefixes around
+/// 198.18.1.0/24 and 2001:db8:100::/48: each chunk picks a valid template (UDP, echo, ARP, NDP,
+/// fragments, both families) and XORs the rest of the chunk over it, so mutations reach deep
+/// into the parsers. Calls `feed` with every frame.
+pub fn fuzz_frames(data: &[u8], dst_mac: Mac, mut feed: impl FnMut(&[u8])) {
+    let peer: Mac = [0x02, 0, 0, 0, 0, 0x99];
+    let (p4, l4): (IpAddr, IpAddr) = (
+        Ipv4Addr::new(198, 19, 255, 1).into(),
+        Ipv4Addr::new(198, 18, 1, 7).into(),
+    );
+    let (p6, l6): (Ipv6Addr, Ipv6Addr) = (
+        "2001:db8:ffff::1".parse().unwrap(),
+        "2001:db8:100::7".parse().unwrap(),
+    );
+    for chunk in data.split(|&b| b == 0xfe).take(64) {
+        let Some((&pick, rest)) = chunk.split_first() else {
+            continue;
+        };
+        let mut f = match pick % 9 {
+            0 => udp_frame(
+                peer,
+                dst_mac,
+                SocketAddr::new(p4, 5000),
+                SocketAddr::new(l4, 7),
+                b"fuzz payload",
+            ),
+            1 => udp_frame(
+                peer,
+                dst_mac,
+                SocketAddr::new(p6.into(), 5000),
+                SocketAddr::new(l6.into(), 7),
+                b"fuzz payload",
+            ),
+            2 => echo_request(peer, dst_mac, p4, l4, 1),
+            3 => echo_request(peer, dst_mac, p6.into(), l6.into(), 1),
+            4 => arp_request(
+                peer,
+                Ipv4Addr::new(198, 19, 255, 1),
+                Ipv4Addr::new(198, 18, 1, 7),
+            ),
+            5 => neighbor_solicit(peer, p6, l6, 255),
+            6 => udp_frame(
+                peer,
+                dst_mac,
+                SocketAddr::new(p4, 5000),
+                SocketAddr::new(l4, 9),
+                &[7; 300],
+            ),
+            7 => {
+                // An IPv4 fragment (more fragments set).
+                let mut f = udp_frame(
+                    peer,
+                    dst_mac,
+                    SocketAddr::new(p4, 5000),
+                    SocketAddr::new(l4, 7),
+                    &[1; 64],
+                );
+                f[20] |= 0x20;
+                f
+            }
+            _ => rest.to_vec(),
+        };
+        // Keep the destination MAC most of the time so frames get past L2.
+        let start = if pick & 0x80 == 0 { 6 } else { 0 };
+        let len_tweak = rest.first().copied().unwrap_or(0);
+        for (i, b) in rest.iter().skip(1).enumerate() {
+            if let Some(x) = f.get_mut(start + i) {
+                *x ^= *b;
+            }
+        }
+        match len_tweak % 4 {
+            0 => f.truncate(f.len().saturating_sub(usize::from(len_tweak >> 2))),
+            1 => f.extend(std::iter::repeat_n(0u8, usize::from(len_tweak >> 2))),
+            _ => {}
+        }
+        feed(&f);
+    }
+}
