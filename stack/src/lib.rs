@@ -595,9 +595,15 @@ impl Stack {
             return;
         };
         let caps = CAPS();
-        let repr = Icmpv4Packet::new_checked(b).and_then(|p| Icmpv4Repr::parse(&p, &caps));
-        match repr {
-            Err(_) => self.drop(DropReason::IcmpMalformed),
+        let Ok(pkt) = Icmpv4Packet::new_checked(b) else {
+            return self.drop(DropReason::IcmpMalformed);
+        };
+        if !pkt.verify_checksum() {
+            return self.drop(DropReason::IcmpMalformed);
+        }
+        match Icmpv4Repr::parse(&pkt, &caps) {
+            // Well formed (the checksum holds) but of a type or shape we do not act on.
+            Err(_) => self.drop(DropReason::IcmpUnhandled),
             Ok(Icmpv4Repr::EchoRequest {
                 ident,
                 seq_no,

@@ -745,3 +745,48 @@ fn bad_configuration_is_refused() {
     let host_bits = Config::new(S_MAC, vec!["198.18.1.1/24".parse().unwrap()]);
     assert!(Stack::new(host_bits).is_err());
 }
+
+#[test]
+fn full_transmit_queue_and_unhandled_icmp_are_counted() {
+    let mut cfg = Config::new(S_MAC, vec!["198.18.1.0/24".parse().unwrap()]);
+    cfg.tx_queue = 2;
+    let mut s = Stack::new(cfg).unwrap();
+    // Three ARP requests answered without draining: the third reply does not fit.
+    for last in 1..=3 {
+        s.handle_frame(
+            T,
+            &arp_request(P_MAC, PEER4, Ipv4Addr::new(198, 18, 1, last)),
+            FrameMeta::default(),
+        );
+    }
+    assert_eq!(s.pending_transmit(), 2);
+    assert_eq!(s.counters().dropped(DropReason::TxQueueFull), 1);
+    // An ICMP timestamp request (type 13) is not acted on.
+    let ts = Icmpv4Repr::EchoRequest {
+        ident: 1,
+        seq_no: 1,
+        data: &[0; 12],
+    };
+    let mut f = eth_ipv4(
+        P_MAC,
+        S_MAC,
+        smoltcp::wire::Ipv4Repr {
+            src_addr: PEER4,
+            dst_addr: Ipv4Addr::new(198, 18, 1, 1),
+            next_header: smoltcp::wire::IpProtocol::Icmp,
+            payload_len: ts.buffer_len(),
+            hop_limit: 64,
+        },
+        |b| ts.emit(&mut Icmpv4Packet::new_unchecked(b), &Default::default()),
+    );
+    f[34] = 13;
+    let mut p = Icmpv4Packet::new_unchecked(&mut f[34..]);
+    p.fill_checksum();
+    s.handle_frame(T, &f, FrameMeta::default());
+    assert_eq!(
+        s.counters().dropped(DropReason::IcmpUnhandled),
+        1,
+        "{}",
+        s.counters()
+    );
+}
