@@ -18,6 +18,7 @@ pub mod counters;
 pub mod frag;
 pub mod neigh;
 pub mod poll;
+pub mod tcp;
 
 use std::collections::VecDeque;
 use std::fmt;

@@ -1,0 +1,7 @@
+//! TCP: sequence space, RTO estimation, timers and buffers (the connection state machine builds
+//! on these).
+
+pub mod buffer;
+pub mod rtt;
+pub mod seq;
+pub mod wheel;
