@@ -38,7 +38,7 @@ impl RttEstimator {
                 self.rttvar = r / 2;
             }
             Some(srtt) => {
-                let err = if srtt > r { srtt - r } else { r - srtt };
+                let err = srtt.abs_diff(r);
                 self.rttvar = self.rttvar * 3 / 4 + err / 4;
                 self.srtt = Some(srtt * 7 / 8 + r / 8);
             }
