@@ -19,6 +19,10 @@ pub mod frag;
 pub mod neigh;
 pub mod poll;
 pub mod tcp;
+mod tcp_glue;
+
+pub use tcp::conn::{State as TcpState, TcpConfig, TcpError};
+pub use tcp_glue::{ConnectError, IoError, TcpHandle, TcpListenerHandle};
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -73,6 +77,8 @@ pub struct Config {
     pub bind_policy: BindPolicy,
     /// Flow-hash key; `None` draws a random one.
     pub hash_key: Option<HashKey>,
+    /// TCP tunables (buffers, Nagle, timers).
+    pub tcp: TcpConfig,
 }
 
 impl Config {
@@ -92,6 +98,7 @@ impl Config {
             tx_queue: 4096,
             bind_policy: BindPolicy::Nested,
             hash_key: None,
+            tcp: TcpConfig::default(),
         }
     }
 }
@@ -222,6 +229,8 @@ pub struct Stack {
     tx: VecDeque<Vec<u8>>,
     pool: Vec<Vec<u8>>,
     scratch: Vec<u8>,
+    tcp_payload: Vec<u8>,
+    tcp: tcp_glue::Tcp,
     counters: Counters,
     icmp_tokens: u32,
     icmp_refill: Duration,
@@ -296,6 +305,8 @@ impl Stack {
             tx: VecDeque::new(),
             pool: Vec::new(),
             scratch: Vec::new(),
+            tcp_payload: Vec::new(),
+            tcp: tcp_glue::Tcp::new(cfg.tcp.clone()),
             counters: Counters::default(),
             ident: 1,
             cfg,
@@ -342,7 +353,7 @@ impl Stack {
             .is_some()
     }
 
-    fn drop(&mut self, r: DropReason) {
+    pub(crate) fn drop(&mut self, r: DropReason) {
         self.counters.drop(r);
     }
 
@@ -585,6 +596,7 @@ impl Stack {
     fn rx_l4(&mut self, now: Duration, ip: IpL4, payload: &[u8], meta: FrameMeta) {
         match ip.proto {
             IpProtocol::Udp => self.rx_udp(now, ip, payload, meta),
+            IpProtocol::Tcp => self.rx_tcp(now, ip, payload, meta),
             IpProtocol::Icmp if ip.src.is_ipv4() => self.rx_icmpv4(now, ip, payload),
             IpProtocol::Icmpv6 if ip.src.is_ipv6() => self.rx_icmpv6(now, ip, payload),
             _ => self.drop(DropReason::NoProtocol),
@@ -1148,10 +1160,14 @@ impl Stack {
 
     /// When [`handle_timeout`](Self::handle_timeout) next has work.
     pub fn poll_timeout(&self) -> Option<Duration> {
-        [self.neigh.next_deadline(), self.reasm.next_deadline()]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.neigh.next_deadline(),
+            self.reasm.next_deadline(),
+            self.tcp.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Runs timers: neighbour retries and give-ups, reassembly timeouts.
@@ -1167,6 +1183,7 @@ impl Stack {
         for _ in 0..self.reasm.poll(now) {
             self.drop(DropReason::FragTimeout);
         }
+        self.tcp_timers(now);
     }
 
     // ---- UDP sockets -------------------------------------------------------------------
@@ -1306,7 +1323,7 @@ impl Stack {
 
 /// Addresses and protocol of a packet being delivered.
 #[derive(Clone, Copy, Debug)]
-struct IpL4 {
+pub(crate) struct IpL4 {
     src: IpAddr,
     dst: IpAddr,
     proto: IpProtocol,

@@ -1,0 +1,942 @@
+//! One TCP connection: the RFC 9293 state machine with RFC 7323 window scaling and timestamps,
+//! RFC 6298 retransmission timing, RFC 5681/6582 NewReno congestion control, delayed ACKs, Nagle
+//! and zero-window probes. Sans-IO: segments in, segment descriptors out, deadlines.
+
+use std::time::Duration;
+
+use super::buffer::{RecvBuffer, SendBuffer};
+use super::rtt::RttEstimator;
+use super::seq::Seq;
+
+/// Connection states (RFC 9293 §3.3.2; LISTEN lives in the stack's listeners).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Our SYN is out.
+    SynSent,
+    /// A SYN arrived and our SYN-ACK is out.
+    SynReceived,
+    /// Data flows both ways.
+    Established,
+    /// We closed; our FIN is out.
+    FinWait1,
+    /// Our FIN is acknowledged; waiting for the peer's.
+    FinWait2,
+    /// The peer closed; we may still send.
+    CloseWait,
+    /// Both closed at once; waiting for the ACK of our FIN.
+    Closing,
+    /// The peer closed, then we did; waiting for the ACK of our FIN.
+    LastAck,
+    /// Both closed; lingering for 2 MSL so that stray segments die.
+    TimeWait,
+    /// Gone.
+    Closed,
+}
+
+/// Why a connection ended abnormally.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpError {
+    /// The peer answered our SYN with RST.
+    Refused,
+    /// The peer reset an established connection.
+    Reset,
+    /// Retransmissions went unanswered.
+    TimedOut,
+    /// The application aborted.
+    Aborted,
+}
+
+impl std::fmt::Display for TcpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TcpError::Refused => "connection refused",
+            TcpError::Reset => "connection reset by peer",
+            TcpError::TimedOut => "connection timed out",
+            TcpError::Aborted => "connection aborted",
+        })
+    }
+}
+
+impl std::error::Error for TcpError {}
+
+/// Tunables of a connection.
+#[derive(Clone, Debug)]
+pub struct TcpConfig {
+    /// Send buffer limit.
+    pub send_buffer: usize,
+    /// Receive buffer limit (the largest window we advertise).
+    pub recv_buffer: usize,
+    /// Nagle's algorithm (RFC 896): hold small segments while data is unacknowledged.
+    pub nagle: bool,
+    /// Delayed ACK timeout.
+    pub delayed_ack: Duration,
+    /// Retransmissions before giving up an established connection.
+    pub max_retries: u32,
+    /// Retransmissions of a SYN before giving up.
+    pub syn_retries: u32,
+    /// TIME-WAIT duration (2 MSL).
+    pub time_wait: Duration,
+    /// Offer timestamps (RFC 7323).
+    pub timestamps: bool,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        TcpConfig {
+            send_buffer: 256 * 1024,
+            recv_buffer: 256 * 1024,
+            nagle: true,
+            delayed_ack: Duration::from_millis(40),
+            max_retries: 15,
+            syn_retries: 6,
+            time_wait: Duration::from_secs(60),
+            timestamps: true,
+        }
+    }
+}
+
+/// A received segment, parsed.
+#[derive(Clone, Debug, Default)]
+pub struct SegIn<'a> {
+    /// Sequence number.
+    pub seq: Seq,
+    /// Acknowledgement number when ACK is set.
+    pub ack: Option<Seq>,
+    /// SYN flag.
+    pub syn: bool,
+    /// FIN flag.
+    pub fin: bool,
+    /// RST flag.
+    pub rst: bool,
+    /// Raw window field.
+    pub window: u16,
+    /// MSS option.
+    pub mss: Option<u16>,
+    /// Window scale option.
+    pub wscale: Option<u8>,
+    /// Timestamps option `(tsval, tsecr)`.
+    pub ts: Option<(u32, u32)>,
+    /// Payload.
+    pub payload: &'a [u8],
+}
+
+/// A segment to send; the payload is `len` bytes of the send buffer starting `off` bytes after
+/// SND.UNA.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SegOut {
+    /// Sequence number.
+    pub seq: Seq,
+    /// Acknowledgement number (ACK flag) if any.
+    pub ack: Option<Seq>,
+    /// SYN flag.
+    pub syn: bool,
+    /// FIN flag.
+    pub fin: bool,
+    /// RST flag.
+    pub rst: bool,
+    /// PSH flag.
+    pub psh: bool,
+    /// Window field (already scaled).
+    pub window: u16,
+    /// MSS option (SYN only).
+    pub mss: Option<u16>,
+    /// Window scale option (SYN only).
+    pub wscale: Option<u8>,
+    /// Timestamps option.
+    pub ts: Option<(u32, u32)>,
+    /// Payload offset from SND.UNA in the send buffer.
+    pub off: usize,
+    /// Payload length.
+    pub len: usize,
+}
+
+/// Initial window in segments (RFC 6928).
+const INITIAL_WINDOW: u32 = 10;
+
+/// One connection.
+#[derive(Debug)]
+pub struct Conn {
+    cfg: TcpConfig,
+    state: State,
+    /// Our MSS (what we announce; from the MTU).
+    local_mss: u16,
+    // Send side.
+    iss: Seq,
+    snd_una: Seq,
+    snd_nxt: Seq,
+    snd_max: Seq,
+    snd_wnd: u32,
+    snd_wl1: Seq,
+    snd_wl2: Seq,
+    snd_shift: u8,
+    send: SendBuffer,
+    /// The application will write no more: send FIN after the data.
+    close_requested: bool,
+    /// Sequence number of our FIN, once sent.
+    fin_seq: Option<Seq>,
+    // Receive side.
+    irs: Seq,
+    rcv_nxt: Seq,
+    rcv_shift: u8,
+    recv: RecvBuffer,
+    /// The peer's FIN, if it arrived (possibly out of order).
+    peer_fin: Option<Seq>,
+    fin_received: bool,
+    last_adv_wnd: u32,
+    // Options.
+    mss: u16,
+    ts_ok: bool,
+    ts_recent: u32,
+    ts_offset: u32,
+    // Timers and estimation.
+    rtt: RttEstimator,
+    timed: Option<(Seq, Duration)>,
+    retries: u32,
+    rto_at: Option<Duration>,
+    ack_at: Option<Duration>,
+    persist_at: Option<Duration>,
+    time_wait_at: Option<Duration>,
+    // Congestion control (NewReno).
+    cwnd: u32,
+    ssthresh: u32,
+    dupacks: u32,
+    recover: Option<Seq>,
+    retransmit_una: bool,
+    // ACK scheduling.
+    ack_now: bool,
+    unacked_segs: u32,
+    syn_sent_once: bool,
+    /// Both sides agreed on window scaling.
+    ws_ok: bool,
+    error: Option<TcpError>,
+    /// Bytes retransmitted (for tests and stats).
+    pub retransmitted: u64,
+}
+
+fn ms(d: Duration) -> u32 {
+    d.as_millis() as u32
+}
+
+impl Conn {
+    fn new(cfg: TcpConfig, local_mss: u16, iss: Seq, state: State) -> Conn {
+        let rcv_shift = (0..=14u8)
+            .find(|s| (cfg.recv_buffer >> s) <= 65535)
+            .unwrap_or(14);
+        Conn {
+            recv: RecvBuffer::new(cfg.recv_buffer),
+            send: SendBuffer::new(cfg.send_buffer),
+            state,
+            local_mss,
+            iss,
+            snd_una: iss,
+            snd_nxt: iss,
+            snd_max: iss,
+            snd_wnd: 0,
+            snd_wl1: Seq(0),
+            snd_wl2: iss,
+            snd_shift: 0,
+            close_requested: false,
+            fin_seq: None,
+            irs: Seq(0),
+            rcv_nxt: Seq(0),
+            rcv_shift,
+            peer_fin: None,
+            fin_received: false,
+            last_adv_wnd: 0,
+            mss: local_mss,
+            ts_ok: false,
+            ts_recent: 0,
+            ts_offset: iss.0.rotate_left(13),
+            rtt: RttEstimator::default(),
+            timed: None,
+            retries: 0,
+            rto_at: None,
+            ack_at: None,
+            persist_at: None,
+            time_wait_at: None,
+            cwnd: INITIAL_WINDOW * u32::from(local_mss),
+            ssthresh: u32::MAX,
+            dupacks: 0,
+            recover: None,
+            retransmit_una: false,
+            ack_now: false,
+            unacked_segs: 0,
+            syn_sent_once: false,
+            ws_ok: false,
+            error: None,
+            retransmitted: 0,
+            cfg,
+        }
+    }
+
+    /// Active open: a connection in SYN-SENT.
+    pub fn connect(cfg: TcpConfig, local_mss: u16, iss: Seq, now: Duration) -> Conn {
+        let _ = now;
+        Conn::new(cfg, local_mss, iss, State::SynSent)
+    }
+
+    /// Passive open: a SYN arrived for a listener; the connection is in SYN-RECEIVED.
+    pub fn accept(cfg: TcpConfig, local_mss: u16, iss: Seq, syn: &SegIn, now: Duration) -> Conn {
+        let mut c = Conn::new(cfg, local_mss, iss, State::SynReceived);
+        c.irs = syn.seq;
+        c.rcv_nxt = syn.seq + 1;
+        c.take_syn_options(syn);
+        c.snd_wnd = u32::from(syn.window);
+        c.snd_wl1 = syn.seq;
+        let _ = now;
+        c
+    }
+
+    fn take_syn_options(&mut self, syn: &SegIn) {
+        let peer_mss = syn.mss.unwrap_or(536);
+        self.mss = peer_mss.min(self.local_mss).max(64);
+        match syn.wscale {
+            Some(s) => {
+                self.snd_shift = s.min(14);
+                self.ws_ok = true;
+            }
+            None => self.rcv_shift = 0,
+        }
+        if let (true, Some((tsval, _))) = (self.cfg.timestamps, syn.ts) {
+            self.ts_ok = true;
+            self.ts_recent = tsval;
+        }
+        self.cwnd = INITIAL_WINDOW * u32::from(self.payload_mss());
+    }
+
+    /// Payload bytes per full segment (MSS less the timestamp option).
+    fn payload_mss(&self) -> u16 {
+        if self.ts_ok {
+            self.mss - 12
+        } else {
+            self.mss
+        }
+    }
+
+    /// A one-line summary of the connection's variables, for diagnostics.
+    pub fn summary(&self) -> String {
+        format!(
+            "{:?} una {:?} nxt {:?} max {:?} wnd {} cwnd {} ssthresh {} rcv_nxt {:?} rwnd {} rto {:?} retries {} recover {:?} dupacks {} sendbuf {} readable {} holes {:?} fin {:?} peer_fin {:?} rto_at {:?} persist_at {:?}",
+            self.state, self.snd_una, self.snd_nxt, self.snd_max, self.snd_wnd, self.cwnd, self.ssthresh, self.rcv_nxt,
+            self.recv.window(), self.rtt.rto(), self.retries, self.recover, self.dupacks, self.send.len(), self.recv.len(),
+            self.recv.ranges(), self.fin_seq, self.peer_fin, self.rto_at, self.persist_at
+        )
+    }
+
+    /// Current state.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// The error that ended the connection, if any.
+    pub fn error(&self) -> Option<TcpError> {
+        self.error
+    }
+
+    /// Congestion window in bytes.
+    pub fn cwnd(&self) -> u32 {
+        self.cwnd
+    }
+
+    /// Bytes readable.
+    pub fn readable(&self) -> usize {
+        self.recv.len()
+    }
+
+    /// True once the peer's FIN arrived and every byte before it was read.
+    pub fn at_eof(&self) -> bool {
+        self.fin_received && self.recv.is_empty()
+    }
+
+    /// Free space in the send buffer (0 once closed for writing).
+    pub fn send_space(&self) -> usize {
+        if self.close_requested || !self.can_send() {
+            0
+        } else {
+            self.send.space()
+        }
+    }
+
+    fn can_send(&self) -> bool {
+        matches!(
+            self.state,
+            State::SynSent | State::SynReceived | State::Established | State::CloseWait
+        )
+    }
+
+    /// Heap bytes of the connection's buffers.
+    pub fn buffer_bytes(&self) -> usize {
+        self.send.capacity() + self.recv.capacity()
+    }
+
+    /// Queues data; returns how much was taken.
+    pub fn write(&mut self, data: &[u8]) -> usize {
+        if self.close_requested || !self.can_send() {
+            return 0;
+        }
+        self.send.write(data)
+    }
+
+    /// Reads received data; schedules a window update when the window opened a lot.
+    pub fn read(&mut self, out: &mut [u8]) -> usize {
+        let n = self.recv.read(out);
+        // Receiver-side silly window avoidance (RFC 1122 4.2.3.3): announce the opened window
+        // once it grew by two segments or half the buffer, whichever is smaller.
+        let wnd = self.recv.window() as u32;
+        let step = (2 * u32::from(self.mss)).min(self.cfg.recv_buffer as u32 / 2);
+        if n > 0 && wnd >= self.last_adv_wnd + step {
+            self.ack_now = true;
+        }
+        n
+    }
+
+    /// Copies `out.len()` bytes of the send buffer from `off` (for segments being built).
+    pub fn payload(&self, off: usize, out: &mut [u8]) {
+        self.send.read_at(off, out);
+    }
+
+    /// The application closes its side: FIN after the queued data.
+    pub fn close(&mut self) {
+        match self.state {
+            State::SynSent => self.state = State::Closed,
+            State::SynReceived | State::Established | State::CloseWait => {
+                self.close_requested = true
+            }
+            _ => {}
+        }
+    }
+
+    /// The application aborts: the connection resets the peer and is gone.
+    pub fn abort(&mut self, out: &mut Vec<SegOut>) {
+        if matches!(
+            self.state,
+            State::SynReceived
+                | State::Established
+                | State::FinWait1
+                | State::FinWait2
+                | State::CloseWait
+        ) {
+            out.push(SegOut {
+                seq: self.snd_max,
+                rst: true,
+                ..Default::default()
+            });
+        }
+        self.error = Some(TcpError::Aborted);
+        self.state = State::Closed;
+    }
+
+    fn window_field(&mut self) -> u16 {
+        let wnd = self.recv.window() as u32;
+        // Never shrink the right edge we advertised (RFC 9293 3.8.6.2.2).
+        self.last_adv_wnd = wnd;
+        (wnd >> self.rcv_shift).min(65535) as u16
+    }
+
+    fn ts_option(&self, now: Duration) -> Option<(u32, u32)> {
+        self.ts_ok
+            .then(|| (ms(now).wrapping_add(self.ts_offset), self.ts_recent))
+    }
+
+    fn in_flight(&self) -> u32 {
+        self.snd_nxt - self.snd_una
+    }
+
+    fn enter_time_wait(&mut self, now: Duration) {
+        self.state = State::TimeWait;
+        self.time_wait_at = Some(now + self.cfg.time_wait);
+        self.rto_at = None;
+        self.persist_at = None;
+    }
+
+    /// Processes a segment (RFC 9293 §3.10.7). Segments to send are produced by
+    /// [`poll_transmit`](Self::poll_transmit); an immediate reply (RST, challenge ACK) goes to `out`.
+    pub fn on_segment(&mut self, now: Duration, seg: &SegIn, out: &mut Vec<SegOut>) {
+        if self.state == State::SynSent {
+            return self.on_segment_syn_sent(now, seg, out);
+        }
+        if self.state == State::Closed {
+            return;
+        }
+        let len = seg.payload.len() as u32 + u32::from(seg.syn) + u32::from(seg.fin);
+        let wnd = self.recv.window() as u32;
+        // 1. Acceptability.
+        let acceptable = match (len, wnd) {
+            (0, 0) => seg.seq == self.rcv_nxt,
+            (0, _) => seg.seq.in_window(self.rcv_nxt, wnd),
+            (_, 0) => false,
+            (_, _) => {
+                seg.seq.in_window(self.rcv_nxt, wnd)
+                    || (seg.seq + (len - 1)).in_window(self.rcv_nxt, wnd)
+            }
+        };
+        if !acceptable {
+            if !seg.rst {
+                self.ack_now = true;
+            }
+            if self.state == State::TimeWait && seg.fin {
+                self.time_wait_at = Some(now + self.cfg.time_wait);
+            }
+            return;
+        }
+        // 2. RST (RFC 5961 3.2: only an exact match resets; otherwise challenge).
+        if seg.rst {
+            if seg.seq != self.rcv_nxt {
+                self.ack_now = true;
+                return;
+            }
+            self.error = match self.state {
+                State::SynReceived => Some(TcpError::Refused),
+                State::TimeWait | State::Closing | State::LastAck => None,
+                _ => Some(TcpError::Reset),
+            };
+            self.state = State::Closed;
+            return;
+        }
+        // 4. SYN in a synchronized state (RFC 5961 4.2): challenge ACK.
+        if seg.syn {
+            self.ack_now = true;
+            return;
+        }
+        // Timestamps: remember the latest in-order TSval (RFC 7323 4.3).
+        if let (true, Some((tsval, _))) = (self.ts_ok, seg.ts) {
+            if seg.seq <= self.rcv_nxt {
+                self.ts_recent = tsval;
+            }
+        }
+        // 5. ACK.
+        let Some(ack) = seg.ack else { return };
+        if self.state == State::SynReceived {
+            if self.snd_una < ack && ack <= self.snd_nxt {
+                self.state = State::Established;
+                self.snd_wnd = u32::from(seg.window) << self.snd_shift;
+                self.snd_wl1 = seg.seq;
+                self.snd_wl2 = ack;
+            } else {
+                out.push(SegOut {
+                    seq: ack,
+                    rst: true,
+                    ..Default::default()
+                });
+                return;
+            }
+        }
+        if ack > self.snd_max {
+            self.ack_now = true;
+            return;
+        }
+        self.process_ack(now, seg, ack);
+        if self.state == State::Closed {
+            return;
+        }
+        // 7. Text.
+        if !seg.payload.is_empty()
+            && matches!(
+                self.state,
+                State::Established | State::FinWait1 | State::FinWait2
+            )
+        {
+            self.take_data(now, seg);
+        }
+        // 8. FIN.
+        if seg.fin {
+            self.peer_fin = Some(seg.seq + seg.payload.len() as u32);
+        }
+        if let Some(f) = self.peer_fin {
+            if f == self.rcv_nxt && !self.fin_received {
+                self.fin_received = true;
+                self.rcv_nxt += 1;
+                self.ack_now = true;
+                match self.state {
+                    State::SynReceived | State::Established => self.state = State::CloseWait,
+                    State::FinWait1 => self.state = State::Closing,
+                    State::FinWait2 => self.enter_time_wait(now),
+                    _ => {}
+                }
+            } else if self.state == State::TimeWait && seg.fin {
+                self.ack_now = true;
+                self.time_wait_at = Some(now + self.cfg.time_wait);
+            }
+        }
+    }
+
+    fn on_segment_syn_sent(&mut self, now: Duration, seg: &SegIn, out: &mut Vec<SegOut>) {
+        if let Some(ack) = seg.ack {
+            if ack <= self.iss || ack > self.snd_nxt {
+                if !seg.rst {
+                    out.push(SegOut {
+                        seq: ack,
+                        rst: true,
+                        ..Default::default()
+                    });
+                }
+                return;
+            }
+        }
+        if seg.rst {
+            if seg.ack.is_some() {
+                self.error = Some(TcpError::Refused);
+                self.state = State::Closed;
+            }
+            return;
+        }
+        if !seg.syn {
+            return;
+        }
+        self.irs = seg.seq;
+        self.rcv_nxt = seg.seq + 1;
+        self.take_syn_options(seg);
+        self.snd_wnd = u32::from(seg.window);
+        self.snd_wl1 = seg.seq;
+        match seg.ack {
+            Some(ack) => {
+                self.snd_una = ack;
+                self.snd_wl2 = ack;
+                self.state = State::Established;
+                self.rto_at = None;
+                self.retries = 0;
+                if self.timed.is_some() {
+                    if let Some((_, sent)) = self.timed.take() {
+                        self.rtt.sample(now.saturating_sub(sent));
+                    }
+                }
+                self.ack_now = true;
+            }
+            None => {
+                // Simultaneous open: answer with SYN-ACK.
+                self.state = State::SynReceived;
+                self.snd_nxt = self.iss;
+                self.syn_sent_once = false;
+                self.rto_at = None;
+            }
+        }
+    }
+
+    fn process_ack(&mut self, now: Duration, seg: &SegIn, ack: Seq) {
+        let mss = u32::from(self.payload_mss());
+        if ack > self.snd_una {
+            let acked = ack - self.snd_una;
+            // FIN and SYN occupy sequence space but not the send buffer.
+            let syn_acked = u32::from(self.snd_una == self.iss);
+            let fin_acked = self.fin_seq.is_some_and(|f| ack > f);
+            let data = acked - syn_acked - u32::from(fin_acked);
+            self.send.ack(data as usize);
+            self.snd_una = ack;
+            if self.snd_nxt < ack {
+                self.snd_nxt = ack;
+            }
+            self.retries = 0;
+            self.rtt_sample(now, seg, ack);
+            // Congestion control.
+            match self.recover {
+                Some(r) if ack > r => {
+                    // Full acknowledgement: leave recovery (RFC 6582 3.2 step 3).
+                    self.cwnd = self.ssthresh.min(self.in_flight().max(mss) + mss);
+                    self.recover = None;
+                }
+                Some(_) => {
+                    // Partial acknowledgement: retransmit the next hole, deflate.
+                    self.retransmit_una = true;
+                    self.cwnd = self.cwnd.saturating_sub(acked).max(mss) + mss;
+                }
+                None if self.cwnd < self.ssthresh => self.cwnd += acked.min(mss),
+                None => self.cwnd += (mss * mss / self.cwnd).max(1),
+            }
+            self.dupacks = 0;
+            self.rto_at = (self.snd_una != self.snd_max).then(|| now + self.rtt.rto());
+            if fin_acked {
+                match self.state {
+                    State::FinWait1 => self.state = State::FinWait2,
+                    State::Closing => self.enter_time_wait(now),
+                    State::LastAck => {
+                        self.state = State::Closed;
+                        return;
+                    }
+                    _ => {}
+                }
+            }
+        } else if ack == self.snd_una
+            && seg.payload.is_empty()
+            && !seg.fin
+            && self.snd_una != self.snd_max
+            && u32::from(seg.window) << self.snd_shift == self.snd_wnd
+        {
+            // Duplicate ACK (RFC 5681 2).
+            self.dupacks += 1;
+            if self.dupacks == 3 && self.recover.is_none() {
+                self.ssthresh = (self.in_flight() / 2).max(2 * mss);
+                self.cwnd = self.ssthresh + 3 * mss;
+                self.recover = Some(self.snd_max);
+                self.retransmit_una = true;
+            } else if self.dupacks > 3 {
+                self.cwnd += mss;
+            }
+        }
+        // Window update (RFC 9293 3.10.7.4).
+        if self.snd_wl1 < seg.seq || (self.snd_wl1 == seg.seq && self.snd_wl2 <= ack) {
+            self.snd_wnd = u32::from(seg.window) << self.snd_shift;
+            self.snd_wl1 = seg.seq;
+            self.snd_wl2 = ack;
+            if self.snd_wnd > 0 {
+                self.persist_at = None;
+            }
+        }
+    }
+
+    fn rtt_sample(&mut self, now: Duration, seg: &SegIn, ack: Seq) {
+        if let (true, Some((_, tsecr))) = (self.ts_ok, seg.ts) {
+            let echoed = tsecr.wrapping_sub(self.ts_offset);
+            let r = ms(now).wrapping_sub(echoed);
+            if r < 60_000 {
+                self.rtt.sample(Duration::from_millis(u64::from(r)));
+            }
+            return;
+        }
+        if let Some((s, t)) = self.timed {
+            if ack > s {
+                self.rtt.sample(now.saturating_sub(t));
+                self.timed = None;
+            }
+        }
+    }
+
+    fn take_data(&mut self, now: Duration, seg: &SegIn) {
+        // Trim what we already have.
+        let (mut seq, mut data) = (seg.seq, seg.payload);
+        if seq < self.rcv_nxt {
+            let skip = (self.rcv_nxt - seq) as usize;
+            if skip >= data.len() {
+                self.ack_now = true;
+                return;
+            }
+            data = &data[skip..];
+            seq = self.rcv_nxt;
+        }
+        let off = (seq - self.rcv_nxt) as usize;
+        let advanced = self.recv.write(off, data);
+        self.rcv_nxt += advanced as u32;
+        if off > 0 || !self.recv.ranges().is_empty() {
+            // Out of order, or filling a hole: ACK at once (RFC 5681 4.2).
+            self.ack_now = true;
+        } else {
+            self.unacked_segs += 1;
+            if self.unacked_segs >= 2 {
+                self.ack_now = true;
+            } else if self.ack_at.is_none() {
+                self.ack_at = Some(now + self.cfg.delayed_ack);
+            }
+        }
+    }
+
+    /// Runs timers due at `now`.
+    pub fn on_timer(&mut self, now: Duration) {
+        if self.time_wait_at.is_some_and(|t| t <= now) {
+            self.state = State::Closed;
+            return;
+        }
+        if self.ack_at.is_some_and(|t| t <= now) {
+            self.ack_now = true;
+        }
+        if self.persist_at.is_some_and(|t| t <= now) {
+            self.persist_at = None;
+            self.rtt.back_off();
+            // A one-byte probe beyond the zero window.
+            if self.snd_nxt == self.snd_una
+                && (self.snd_nxt - self.snd_una) < self.send.len() as u32
+            {
+                self.snd_wnd = 1;
+            }
+        }
+        if self.rto_at.is_some_and(|t| t <= now) {
+            self.retries += 1;
+            let limit = if matches!(self.state, State::SynSent | State::SynReceived) {
+                self.cfg.syn_retries
+            } else {
+                self.cfg.max_retries
+            };
+            if self.retries > limit {
+                self.error = Some(TcpError::TimedOut);
+                self.state = State::Closed;
+                return;
+            }
+            self.rtt.back_off();
+            self.timed = None;
+            let mss = u32::from(self.payload_mss());
+            if !matches!(self.state, State::SynSent | State::SynReceived) {
+                self.ssthresh = (self.in_flight() / 2).max(2 * mss);
+                self.cwnd = mss;
+                self.recover = None;
+                self.dupacks = 0;
+            }
+            // Go back to SND.UNA (RFC 5681 3.1, RFC 6298 5.4).
+            self.snd_nxt = self.snd_una;
+            if self.fin_seq.is_some_and(|f| f >= self.snd_una) {
+                self.fin_seq = None;
+            }
+            self.syn_sent_once = false;
+            // poll_transmit re-arms with the backed-off RTO once it has resent.
+            self.rto_at = None;
+        }
+    }
+
+    /// The earliest deadline of the connection's timers.
+    pub fn next_deadline(&self) -> Option<Duration> {
+        [self.rto_at, self.ack_at, self.persist_at, self.time_wait_at]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Appends the segments to send now to `out`.
+    pub fn poll_transmit(&mut self, now: Duration, out: &mut Vec<SegOut>) {
+        let before = out.len();
+        match self.state {
+            State::SynSent | State::SynReceived => {
+                if !self.syn_sent_once {
+                    self.syn_sent_once = true;
+                    let syn_ack = self.state == State::SynReceived;
+                    out.push(SegOut {
+                        seq: self.iss,
+                        ack: syn_ack.then_some(self.rcv_nxt),
+                        syn: true,
+                        window: (self.recv.window().min(65535)) as u16,
+                        mss: Some(self.local_mss),
+                        // A SYN-ACK carries window scale only if the SYN did (RFC 7323 1.3).
+                        wscale: (!syn_ack || self.ws_ok).then_some(self.rcv_shift),
+                        ts: if syn_ack {
+                            self.ts_option(now)
+                        } else {
+                            self.cfg
+                                .timestamps
+                                .then(|| (ms(now).wrapping_add(self.ts_offset), 0))
+                        },
+                        ..Default::default()
+                    });
+                    self.snd_nxt = self.iss + 1;
+                    self.snd_max = self.snd_max.max(self.snd_nxt);
+                    self.timed = Some((self.iss, now));
+                    self.rto_at = Some(now + self.rtt.rto());
+                }
+                return;
+            }
+            State::Closed | State::TimeWait => {
+                if self.ack_now && self.state == State::TimeWait {
+                    self.push_ack(now, out);
+                }
+                return;
+            }
+            _ => {}
+        }
+        if self.retransmit_una {
+            self.retransmit_una = false;
+            let len = (self.send.len() as u32)
+                .min(self.snd_max - self.snd_una)
+                .min(u32::from(self.payload_mss())) as usize;
+            if len > 0 {
+                let seg = self.data_seg(now, self.snd_una, 0, len, false);
+                self.retransmitted += len as u64;
+                out.push(seg);
+            }
+        }
+        self.send_data(now, out);
+        if out.len() == before && (self.ack_now || self.ack_at.is_some_and(|t| t <= now)) {
+            self.push_ack(now, out);
+        }
+        if out.len() > before {
+            self.ack_now = false;
+            self.ack_at = None;
+            self.unacked_segs = 0;
+        }
+        if self.snd_una != self.snd_max && self.rto_at.is_none() {
+            self.rto_at = Some(now + self.rtt.rto());
+        }
+        // Zero window with data waiting and nothing in flight: probe later.
+        if self.snd_wnd == 0
+            && self.snd_una == self.snd_max
+            && !self.send.is_empty()
+            && self.persist_at.is_none()
+        {
+            self.persist_at = Some(now + self.rtt.rto());
+        }
+    }
+
+    fn push_ack(&mut self, now: Duration, out: &mut Vec<SegOut>) {
+        let window = self.window_field();
+        // A pure ACK carries the highest sequence number sent, not SND.NXT: after a timeout
+        // SND.NXT goes back to SND.UNA, and the peer would find an older number unacceptable and
+        // drop the acknowledgement unread (BSD does the same).
+        out.push(SegOut {
+            seq: self.snd_max,
+            ack: Some(self.rcv_nxt),
+            window,
+            ts: self.ts_option(now),
+            ..Default::default()
+        });
+    }
+
+    fn data_seg(&mut self, now: Duration, seq: Seq, off: usize, len: usize, fin: bool) -> SegOut {
+        let window = self.window_field();
+        SegOut {
+            seq,
+            ack: Some(self.rcv_nxt),
+            fin,
+            psh: off + len == self.send.len(),
+            window,
+            ts: self.ts_option(now),
+            off,
+            len,
+            ..Default::default()
+        }
+    }
+
+    fn send_data(&mut self, now: Duration, out: &mut Vec<SegOut>) {
+        let mss = self.payload_mss() as usize;
+        loop {
+            let sent = (self.snd_nxt - self.snd_una) as usize;
+            let fin_in_flight = self
+                .fin_seq
+                .is_some_and(|f| f >= self.snd_una && f < self.snd_nxt);
+            let sent_data = sent - usize::from(fin_in_flight);
+            let unsent = self.send.len().saturating_sub(sent_data);
+            let wnd = self.snd_wnd.min(self.cwnd) as usize;
+            let room = wnd.saturating_sub(sent);
+            let mut len = unsent.min(room).min(mss);
+            let want_fin = self.close_requested && self.fin_seq.is_none() && len == unsent;
+            if len == 0 && !want_fin {
+                return;
+            }
+            // Nagle: hold a small segment while anything is unacknowledged.
+            if self.cfg.nagle && len < mss && len < unsent && sent > 0 {
+                return;
+            }
+            if self.cfg.nagle && len < mss && len > 0 && len == unsent && sent > 0 && !want_fin {
+                return;
+            }
+            if want_fin && unsent > len {
+                len = 0;
+            }
+            let seq = self.snd_una + sent as u32;
+            let seg = self.data_seg(now, seq, sent_data, len, want_fin);
+            if self.timed.is_none() && !self.ts_ok && len > 0 && seq >= self.snd_max {
+                self.timed = Some((seq + len as u32, now));
+            }
+            if seq < self.snd_max {
+                self.retransmitted += len as u64;
+            }
+            self.snd_nxt = seq + len as u32 + u32::from(want_fin);
+            self.snd_max = self.snd_max.max(self.snd_nxt);
+            if want_fin {
+                self.fin_seq = Some(seq + len as u32);
+                match self.state {
+                    State::Established | State::SynReceived => self.state = State::FinWait1,
+                    State::CloseWait => self.state = State::LastAck,
+                    _ => {}
+                }
+            }
+            out.push(seg);
+            if want_fin {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,670 @@
+//! TCP in the stack: listeners bound through the demux, the connection table (4-tuple -> slot),
+//! SYN handling and accept queues, RST for unbound addresses, timers on the wheel, and the
+//! application API.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{IpProtocol, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, TcpTimestampRepr};
+use subnetstack_demux::{BindError, Binding, BindingId, Flow, ListenerId, PortSpec, Protocol};
+use subnetstack_ifaces::{Csum, FrameMeta};
+
+use crate::tcp::conn::{Conn, SegIn, SegOut, State, TcpConfig, TcpError};
+use crate::tcp::seq::Seq;
+use crate::tcp::wheel::TimerWheel;
+use crate::{DropReason, IpL4, Stack};
+
+/// A TCP listener of a stack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TcpListenerHandle(u32);
+
+/// A TCP connection of a stack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TcpHandle(u32);
+
+/// Why `tcp_connect` failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConnectError {
+    /// The local address is outside the local prefixes.
+    NonLocalSource(IpAddr),
+    /// Local and remote families differ.
+    FamilyMismatch,
+    /// The remote port is 0.
+    PortZero,
+    /// No ephemeral port is free for this remote (or the given local port is taken).
+    AddrInUse,
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::NonLocalSource(a) => {
+                write!(f, "local address {a} is outside the local prefixes")
+            }
+            ConnectError::FamilyMismatch => f.write_str("local and remote address families differ"),
+            ConnectError::PortZero => f.write_str("remote port 0"),
+            ConnectError::AddrInUse => f.write_str("no free local port for this remote"),
+        }
+    }
+}
+
+impl std::error::Error for ConnectError {}
+
+/// Why a read or write did nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoError {
+    /// Nothing to read, or no room to write, now.
+    WouldBlock,
+    /// Not connected yet (SYN-SENT / SYN-RECEIVED) for reading.
+    NotConnected,
+    /// Writing after `tcp_close`, or after the connection ended.
+    Closed,
+    /// The connection ended with this error.
+    Failed(TcpError),
+    /// No such connection.
+    Invalid,
+}
+
+impl std::fmt::Display for IoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IoError::WouldBlock => f.write_str("would block"),
+            IoError::NotConnected => f.write_str("not connected"),
+            IoError::Closed => f.write_str("closed"),
+            IoError::Failed(e) => write!(f, "{e}"),
+            IoError::Invalid => f.write_str("no such connection"),
+        }
+    }
+}
+
+impl std::error::Error for IoError {}
+
+#[derive(Debug)]
+struct Listener {
+    binding: BindingId,
+    backlog: usize,
+    /// Connections in SYN-RECEIVED for this listener.
+    pending: usize,
+    accept: VecDeque<u32>,
+}
+
+#[derive(Debug)]
+struct Sock {
+    conn: Conn,
+    local: SocketAddr,
+    remote: SocketAddr,
+    /// Passive connections belong to their listener until accepted.
+    listener: Option<u32>,
+    accepted: bool,
+    app_closed: bool,
+    armed: Option<Duration>,
+}
+
+/// TCP state of a stack.
+#[derive(Debug, Default)]
+pub(crate) struct Tcp {
+    cfg: TcpConfig,
+    listeners: Vec<Option<Listener>>,
+    socks: Vec<Option<Sock>>,
+    free: Vec<u32>,
+    table: HashMap<(SocketAddr, SocketAddr), u32>,
+    wheel: TimerWheel,
+    ephemeral: u32,
+    out: Vec<SegOut>,
+    fired: Vec<u32>,
+}
+
+impl Tcp {
+    pub(crate) fn new(cfg: TcpConfig) -> Self {
+        Tcp {
+            cfg,
+            ..Default::default()
+        }
+    }
+
+    pub(crate) fn next_deadline(&self) -> Option<Duration> {
+        self.wheel.next_deadline()
+    }
+}
+
+fn seg_in<'a>(r: &TcpRepr<'a>) -> SegIn<'a> {
+    SegIn {
+        seq: Seq(r.seq_number.0 as u32),
+        ack: r.ack_number.map(|a| Seq(a.0 as u32)),
+        syn: r.control == TcpControl::Syn,
+        fin: r.control == TcpControl::Fin,
+        rst: r.control == TcpControl::Rst,
+        window: r.window_len,
+        mss: r.max_seg_size,
+        wscale: r.window_scale,
+        ts: r.timestamp.map(|t| (t.tsval, t.tsecr)),
+        payload: r.payload,
+    }
+}
+
+impl Stack {
+    fn tcp_mss(&self, v6: bool) -> u16 {
+        (self.cfg.mtu - if v6 { 60 } else { 40 }).min(65535) as u16
+    }
+
+    /// RFC 6528: a keyed hash of the 4-tuple plus a 4 µs clock.
+    fn isn(&self, now: Duration, local: SocketAddr, remote: SocketAddr) -> Seq {
+        let f =
+            Flow::new(remote.ip(), remote.port(), local.ip(), local.port()).expect("one family");
+        let h = self.demux.key().flow_hash(&f) as u32;
+        Seq(h.wrapping_add((now.as_micros() / 4) as u32))
+    }
+
+    /// Builds and routes one segment of `idx` (or of no connection, for RSTs).
+    fn send_seg(
+        &mut self,
+        now: Duration,
+        local: SocketAddr,
+        remote: SocketAddr,
+        seg: &SegOut,
+        idx: Option<u32>,
+    ) {
+        let mut payload = std::mem::take(&mut self.tcp_payload);
+        payload.clear();
+        payload.resize(seg.len, 0);
+        if let (Some(i), true) = (idx, seg.len > 0) {
+            if let Some(Some(s)) = self.tcp.socks.get(i as usize) {
+                s.conn.payload(seg.off, &mut payload);
+            }
+        }
+        let control = if seg.syn {
+            TcpControl::Syn
+        } else if seg.rst {
+            TcpControl::Rst
+        } else if seg.fin {
+            TcpControl::Fin
+        } else if seg.psh {
+            TcpControl::Psh
+        } else {
+            TcpControl::None
+        };
+        let repr = TcpRepr {
+            src_port: local.port(),
+            dst_port: remote.port(),
+            control,
+            seq_number: TcpSeqNumber(seg.seq.0 as i32),
+            ack_number: seg.ack.map(|a| TcpSeqNumber(a.0 as i32)),
+            window_len: seg.window,
+            window_scale: seg.wscale,
+            max_seg_size: seg.mss,
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: seg.ts.map(|(a, b)| TcpTimestampRepr::new(a, b)),
+            payload: &payload,
+        };
+        let mut l4 = std::mem::take(&mut self.scratch);
+        l4.clear();
+        l4.resize(repr.buffer_len(), 0);
+        repr.emit(
+            &mut TcpPacket::new_unchecked(&mut l4[..]),
+            &local.ip().into(),
+            &remote.ip().into(),
+            &ChecksumCapabilities::default(),
+        );
+        self.send_ip(now, local.ip(), remote.ip(), IpProtocol::Tcp, 64, &l4);
+        self.scratch = l4;
+        self.tcp_payload = payload;
+    }
+
+    /// After anything happened to connection `idx`: transmit, move it along its lifecycle, rearm.
+    fn tcp_after(&mut self, now: Duration, idx: u32) {
+        let Some(Some(s)) = self.tcp.socks.get_mut(idx as usize) else {
+            return;
+        };
+        let mut out = std::mem::take(&mut self.tcp.out);
+        s.conn.poll_transmit(now, &mut out);
+        let (local, remote) = (s.local, s.remote);
+        for seg in out.drain(..) {
+            self.send_seg(now, local, remote, &seg, Some(idx));
+        }
+        self.tcp.out = out;
+        let s = self.tcp.socks[idx as usize].as_mut().expect("present");
+        let state = s.conn.state();
+        // A passive connection that just completed its handshake joins the accept queue.
+        if let (Some(l), false, State::Established | State::CloseWait) =
+            (s.listener, s.accepted, state)
+        {
+            s.accepted = true;
+            if let Some(Some(lis)) = self.tcp.listeners.get_mut(l as usize) {
+                lis.pending -= 1;
+                lis.accept.push_back(idx);
+            }
+        }
+        let s = self.tcp.socks[idx as usize].as_mut().expect("present");
+        if state == State::Closed {
+            self.tcp.table.remove(&(s.local, s.remote));
+            let orphan = s.listener.is_some() && !s.accepted;
+            if orphan {
+                let l = s.listener.expect("passive");
+                if let Some(Some(lis)) = self.tcp.listeners.get_mut(l as usize) {
+                    lis.pending -= 1;
+                }
+            }
+            if orphan || s.app_closed {
+                self.tcp.socks[idx as usize] = None;
+                self.tcp.free.push(idx);
+            }
+            return;
+        }
+        if let Some(d) = s.conn.next_deadline() {
+            if s.armed.is_none_or(|a| d < a) {
+                s.armed = Some(d);
+                self.tcp.wheel.arm(idx, d);
+            }
+        }
+    }
+
+    pub(crate) fn tcp_timers(&mut self, now: Duration) {
+        let mut fired = std::mem::take(&mut self.tcp.fired);
+        self.tcp.wheel.expire(now, &mut fired);
+        for idx in fired.drain(..) {
+            if let Some(Some(s)) = self.tcp.socks.get_mut(idx as usize) {
+                s.armed = None;
+                s.conn.on_timer(now);
+                self.tcp_after(now, idx);
+            }
+        }
+        self.tcp.fired = fired;
+    }
+
+    pub(crate) fn rx_tcp(&mut self, now: Duration, ip: IpL4, b: &[u8], meta: FrameMeta) {
+        let Ok(pkt) = TcpPacket::new_checked(b) else {
+            return self.drop(DropReason::TcpMalformed);
+        };
+        if meta.csum == Csum::Complete && !pkt.verify_checksum(&ip.src.into(), &ip.dst.into()) {
+            return self.drop(DropReason::TcpBadChecksum);
+        }
+        if pkt.syn() && pkt.fin() {
+            return self.drop(DropReason::TcpBadFlags);
+        }
+        let Ok(repr) = TcpRepr::parse(
+            &pkt,
+            &ip.src.into(),
+            &ip.dst.into(),
+            &ChecksumCapabilities::ignored(),
+        ) else {
+            return self.drop(DropReason::TcpMalformed);
+        };
+        let seg = seg_in(&repr);
+        let local = SocketAddr::new(ip.dst, repr.dst_port);
+        let remote = SocketAddr::new(ip.src, repr.src_port);
+        if let Some(&idx) = self.tcp.table.get(&(local, remote)) {
+            let mut out = std::mem::take(&mut self.tcp.out);
+            if let Some(Some(s)) = self.tcp.socks.get_mut(idx as usize) {
+                s.conn.on_segment(now, &seg, &mut out);
+            }
+            for r in out.drain(..) {
+                self.send_seg(now, local, remote, &r, None);
+            }
+            self.tcp.out = out;
+            return self.tcp_after(now, idx);
+        }
+        if seg.rst {
+            return self.drop(DropReason::TcpNoConnection);
+        }
+        if seg.syn && seg.ack.is_none() {
+            let flow = Flow::new(remote.ip(), remote.port(), local.ip(), local.port())
+                .expect("one family");
+            let hit = self.demux.snapshot().lookup(Protocol::Tcp, &flow);
+            if let Some(hit) = hit {
+                return self.tcp_syn(now, hit.listener.0 as u32, local, remote, &seg);
+            }
+            self.drop(DropReason::TcpNoBinding);
+        } else {
+            self.drop(DropReason::TcpNoConnection);
+        }
+        // RFC 9293 3.10.7.1: answer what is not for a connection with RST.
+        let rst = match seg.ack {
+            Some(a) => SegOut {
+                seq: a,
+                rst: true,
+                ..Default::default()
+            },
+            None => {
+                let len = seg.payload.len() as u32 + u32::from(seg.syn) + u32::from(seg.fin);
+                SegOut {
+                    seq: Seq(0),
+                    ack: Some(seg.seq + len),
+                    rst: true,
+                    ..Default::default()
+                }
+            }
+        };
+        self.send_seg(now, local, remote, &rst, None);
+    }
+
+    fn tcp_syn(
+        &mut self,
+        now: Duration,
+        l: u32,
+        local: SocketAddr,
+        remote: SocketAddr,
+        seg: &SegIn,
+    ) {
+        let Some(Some(lis)) = self.tcp.listeners.get_mut(l as usize) else {
+            return self.drop(DropReason::TcpNoBinding);
+        };
+        if lis.pending + lis.accept.len() >= lis.backlog {
+            return self.drop(DropReason::TcpListenOverflow);
+        }
+        lis.pending += 1;
+        let iss = self.isn(now, local, remote);
+        let conn = Conn::accept(
+            self.tcp.cfg.clone(),
+            self.tcp_mss(local.is_ipv6()),
+            iss,
+            seg,
+            now,
+        );
+        let idx = self.tcp_insert(Sock {
+            conn,
+            local,
+            remote,
+            listener: Some(l),
+            accepted: false,
+            app_closed: false,
+            armed: None,
+        });
+        self.tcp_after(now, idx);
+    }
+
+    fn tcp_insert(&mut self, s: Sock) -> u32 {
+        let key = (s.local, s.remote);
+        let idx = match self.tcp.free.pop() {
+            Some(i) => {
+                self.tcp.socks[i as usize] = Some(s);
+                i
+            }
+            None => {
+                self.tcp.socks.push(Some(s));
+                (self.tcp.socks.len() - 1) as u32
+            }
+        };
+        self.tcp.table.insert(key, idx);
+        idx
+    }
+
+    // ---- application API ----------------------------------------------------------------
+
+    /// Listens on `(prefix, ports)` with an accept backlog (see the demux's bind rules).
+    pub fn tcp_listen(
+        &mut self,
+        prefix: IpNet,
+        ports: PortSpec,
+        reuseport: bool,
+        backlog: usize,
+    ) -> Result<TcpListenerHandle, BindError> {
+        let idx = self
+            .tcp
+            .listeners
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or(self.tcp.listeners.len());
+        let mut b = Binding::new(Protocol::Tcp, prefix, ports, ListenerId(idx as u64));
+        b.reuseport = reuseport;
+        let binding = self.demux.bind(b)?;
+        let lis = Listener {
+            binding,
+            backlog: backlog.max(1),
+            pending: 0,
+            accept: VecDeque::new(),
+        };
+        if idx == self.tcp.listeners.len() {
+            self.tcp.listeners.push(Some(lis));
+        } else {
+            self.tcp.listeners[idx] = Some(lis);
+        }
+        Ok(TcpListenerHandle(idx as u32))
+    }
+
+    /// The next established connection of a listener: `(connection, local, remote)`; the local
+    /// address is the one the client targeted.
+    pub fn tcp_accept(
+        &mut self,
+        l: TcpListenerHandle,
+    ) -> Option<(TcpHandle, SocketAddr, SocketAddr)> {
+        let lis = self.tcp.listeners.get_mut(l.0 as usize)?.as_mut()?;
+        let idx = lis.accept.pop_front()?;
+        let s = self.tcp.socks[idx as usize].as_mut()?;
+        s.listener = None;
+        Some((TcpHandle(idx), s.local, s.remote))
+    }
+
+    /// Stops listening; connections not yet accepted are reset.
+    pub fn tcp_listener_close(&mut self, now: Duration, l: TcpListenerHandle) {
+        let Some(lis) = self
+            .tcp
+            .listeners
+            .get_mut(l.0 as usize)
+            .and_then(Option::take)
+        else {
+            return;
+        };
+        let _ = self.demux.unbind(lis.binding);
+        let orphans: Vec<u32> = self
+            .tcp
+            .socks
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.as_ref().is_some_and(|s| s.listener == Some(l.0)))
+            .map(|(i, _)| i as u32)
+            .collect();
+        for idx in orphans {
+            if let Some(Some(s)) = self.tcp.socks.get_mut(idx as usize) {
+                s.app_closed = true;
+                s.listener = None;
+                let mut out = std::mem::take(&mut self.tcp.out);
+                s.conn.abort(&mut out);
+                let (local, remote) = (s.local, s.remote);
+                for seg in out.drain(..) {
+                    self.send_seg(now, local, remote, &seg, None);
+                }
+                self.tcp.out = out;
+                self.tcp_after(now, idx);
+            }
+        }
+    }
+
+    /// Opens a connection from `local` (inside a local prefix; port 0 picks an ephemeral port,
+    /// RFC 6056) to `remote`.
+    pub fn tcp_connect(
+        &mut self,
+        now: Duration,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> Result<TcpHandle, ConnectError> {
+        if local.is_ipv4() != remote.is_ipv4() {
+            return Err(ConnectError::FamilyMismatch);
+        }
+        if remote.port() == 0 {
+            return Err(ConnectError::PortZero);
+        }
+        if !self.is_local(local.ip()) {
+            return Err(ConnectError::NonLocalSource(local.ip()));
+        }
+        let local = if local.port() != 0 {
+            if self.tcp.table.contains_key(&(local, remote)) {
+                return Err(ConnectError::AddrInUse);
+            }
+            local
+        } else {
+            // RFC 6056 algorithm 3: a keyed per-destination offset plus a global counter.
+            const LO: u32 = 32768;
+            const N: u32 = 28232;
+            let f = Flow::new(local.ip(), 0, remote.ip(), remote.port()).expect("one family");
+            let offset = self.demux.key().flow_hash(&f) as u32;
+            let mut found = None;
+            for i in 0..N {
+                let port =
+                    (LO + offset.wrapping_add(self.tcp.ephemeral).wrapping_add(i) % N) as u16;
+                let cand = SocketAddr::new(local.ip(), port);
+                if !self.tcp.table.contains_key(&(cand, remote)) {
+                    self.tcp.ephemeral = self.tcp.ephemeral.wrapping_add(i + 1);
+                    found = Some(cand);
+                    break;
+                }
+            }
+            found.ok_or(ConnectError::AddrInUse)?
+        };
+        let iss = self.isn(now, local, remote);
+        let conn = Conn::connect(
+            self.tcp.cfg.clone(),
+            self.tcp_mss(local.is_ipv6()),
+            iss,
+            now,
+        );
+        let idx = self.tcp_insert(Sock {
+            conn,
+            local,
+            remote,
+            listener: None,
+            accepted: true,
+            app_closed: false,
+            armed: None,
+        });
+        self.tcp_after(now, idx);
+        Ok(TcpHandle(idx))
+    }
+
+    fn tcp_sock(&mut self, h: TcpHandle) -> Result<&mut Sock, IoError> {
+        self.tcp
+            .socks
+            .get_mut(h.0 as usize)
+            .and_then(Option::as_mut)
+            .filter(|s| !s.app_closed)
+            .ok_or(IoError::Invalid)
+    }
+
+    /// Queues bytes to send; returns how many were taken.
+    pub fn tcp_send(&mut self, now: Duration, h: TcpHandle, data: &[u8]) -> Result<usize, IoError> {
+        let s = self.tcp_sock(h)?;
+        if let Some(e) = s.conn.error() {
+            return Err(IoError::Failed(e));
+        }
+        if s.conn.send_space() == 0 {
+            return Err(
+                if matches!(
+                    s.conn.state(),
+                    State::SynSent | State::SynReceived | State::Established | State::CloseWait
+                ) {
+                    IoError::WouldBlock
+                } else {
+                    IoError::Closed
+                },
+            );
+        }
+        let n = s.conn.write(data);
+        self.tcp_after(now, h.0);
+        Ok(n)
+    }
+
+    /// Reads received bytes. `Ok(0)` means the peer closed and everything was read.
+    pub fn tcp_recv(
+        &mut self,
+        now: Duration,
+        h: TcpHandle,
+        buf: &mut [u8],
+    ) -> Result<usize, IoError> {
+        let s = self.tcp_sock(h)?;
+        if s.conn.readable() == 0 {
+            if s.conn.at_eof() {
+                return Ok(0);
+            }
+            if let Some(e) = s.conn.error() {
+                return Err(IoError::Failed(e));
+            }
+            return Err(match s.conn.state() {
+                State::SynSent | State::SynReceived => IoError::NotConnected,
+                State::Closed => IoError::Closed,
+                _ => IoError::WouldBlock,
+            });
+        }
+        let n = s.conn.read(buf);
+        self.tcp_after(now, h.0);
+        Ok(n)
+    }
+
+    /// Bytes waiting to be read.
+    pub fn tcp_readable(&self, h: TcpHandle) -> usize {
+        self.tcp
+            .socks
+            .get(h.0 as usize)
+            .and_then(Option::as_ref)
+            .map_or(0, |s| s.conn.readable())
+    }
+
+    /// The connection's state (`None` once closed by the application and gone).
+    pub fn tcp_state(&self, h: TcpHandle) -> Option<State> {
+        self.tcp
+            .socks
+            .get(h.0 as usize)
+            .and_then(Option::as_ref)
+            .map(|s| s.conn.state())
+    }
+
+    /// The error that ended the connection, if any.
+    pub fn tcp_error(&self, h: TcpHandle) -> Option<TcpError> {
+        self.tcp
+            .socks
+            .get(h.0 as usize)
+            .and_then(Option::as_ref)
+            .and_then(|s| s.conn.error())
+    }
+
+    /// Closes the application's side: FIN after the queued data; the connection finishes in the
+    /// background and is freed when done. The handle is invalid afterwards.
+    pub fn tcp_close(&mut self, now: Duration, h: TcpHandle) {
+        let Ok(s) = self.tcp_sock(h) else { return };
+        s.app_closed = true;
+        s.conn.close();
+        self.tcp_after(now, h.0);
+    }
+
+    /// Resets the connection and frees it.
+    pub fn tcp_abort(&mut self, now: Duration, h: TcpHandle) {
+        let mut out = std::mem::take(&mut self.tcp.out);
+        let Ok(s) = self.tcp_sock(h) else {
+            self.tcp.out = out;
+            return;
+        };
+        s.app_closed = true;
+        s.conn.abort(&mut out);
+        let (local, remote) = (s.local, s.remote);
+        for seg in out.drain(..) {
+            self.send_seg(now, local, remote, &seg, None);
+        }
+        self.tcp.out = out;
+        self.tcp_after(now, h.0);
+    }
+
+    /// A one-line summary of a connection's TCP variables (diagnostics).
+    pub fn tcp_debug(&self, h: TcpHandle) -> Option<String> {
+        self.tcp
+            .socks
+            .get(h.0 as usize)
+            .and_then(Option::as_ref)
+            .map(|s| s.conn.summary())
+    }
+
+    /// Connections in the table (all states but closed).
+    pub fn tcp_connections(&self) -> usize {
+        self.tcp.table.len()
+    }
+
+    /// Bytes retransmitted by connection `h`.
+    pub fn tcp_retransmitted(&self, h: TcpHandle) -> u64 {
+        self.tcp
+            .socks
+            .get(h.0 as usize)
+            .and_then(Option::as_ref)
+            .map_or(0, |s| s.conn.retransmitted)
+    }
+}
