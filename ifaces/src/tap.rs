@@ -59,7 +59,7 @@ pub struct TapStats {
     pub rx_frames: u64,
     /// Frames sent.
     pub tx_frames: u64,
-    /// Received frames dropped because they filled the whole buffer (possibly truncated).
+    /// Received frames dropped because they did not fit the buffer (truncated).
     pub rx_drop_truncated: u64,
     /// Received frames dropped for a virtio-net header we cannot use.
     pub rx_drop_bad_vnet: u64,
@@ -216,34 +216,32 @@ impl Tap {
 
     fn read_one(&mut self, f: &mut Frame) -> io::Result<usize> {
         let mut hdr = [0u8; VirtioNetHdr::LEN];
+        // One spill byte after the buffer tells a frame that fits exactly from a truncated one.
+        let mut spill = [0u8; 1];
         let buf = f.buffer_mut();
         let cap = buf.len();
-        let n = if self.vnet {
-            let iov = [
-                libc::iovec {
-                    iov_base: hdr.as_mut_ptr().cast(),
-                    iov_len: hdr.len(),
-                },
-                libc::iovec {
-                    iov_base: buf.as_mut_ptr().cast(),
-                    iov_len: cap,
-                },
-            ];
-            // SAFETY: both iovecs point into live, writable buffers of the stated lengths.
-            let n = unsafe { libc::readv(self.fd.as_raw_fd(), iov.as_ptr(), 2) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            (n as usize).saturating_sub(VirtioNetHdr::LEN)
-        } else {
-            // SAFETY: the buffer is live and writable for `cap` bytes.
-            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), cap) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            n as usize
-        };
-        if n >= cap {
+        let hdr_len = if self.vnet { hdr.len() } else { 0 };
+        let iov = [
+            libc::iovec {
+                iov_base: hdr.as_mut_ptr().cast(),
+                iov_len: hdr_len,
+            },
+            libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: cap,
+            },
+            libc::iovec {
+                iov_base: spill.as_mut_ptr().cast(),
+                iov_len: 1,
+            },
+        ];
+        // SAFETY: every iovec points into a live, writable buffer of the stated length.
+        let n = unsafe { libc::readv(self.fd.as_raw_fd(), iov.as_ptr(), 3) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = (n as usize).saturating_sub(hdr_len);
+        if n > cap {
             self.stats.rx_drop_truncated += 1;
             return Ok(usize::MAX);
         }

@@ -104,6 +104,47 @@ fn multi_queue_spreads_flows_over_queues() {
         std::thread::sleep(Duration::from_millis(5));
     }
     println!("frames per queue: {per_queue:?}");
+    // A frame of exactly MTU + 14 bytes fits a buffer of that size (and is not mistaken for a
+    // truncated one); a larger one into a smaller buffer is dropped and counted.
+    let s = UdpSocket::bind(SocketAddr::from((netns::KERNEL_V4, 21000))).unwrap();
+    // Reads every queue until a frame arrives or 3 s pass; returns the lengths received.
+    let mut read_all = |cap: usize| {
+        let mut b = Batch::new(8, cap);
+        let start = Instant::now();
+        let mut lens = Vec::new();
+        while lens.is_empty() && start.elapsed() < Duration::from_secs(3) {
+            for tap in queues.iter_mut() {
+                b.clear();
+                tap.recv(&mut b).unwrap();
+                lens.extend(b.frames().iter().map(|f| (f.len(), f.data()[42])));
+            }
+            if queues
+                .iter()
+                .map(|t| t.stats().rx_drop_truncated)
+                .sum::<u64>()
+                > 0
+            {
+                break;
+            }
+        }
+        lens
+    };
+    s.send_to(&[0x42; 1472], "198.18.1.2:9").unwrap();
+    assert_eq!(
+        read_all(1514),
+        vec![(1514, 0x42)],
+        "a 1514-byte frame arrives whole in a 1514-byte buffer"
+    );
+    s.send_to(&[0x43; 1472], "198.18.1.2:9").unwrap();
+    assert!(read_all(1000).is_empty());
+    assert_eq!(
+        queues
+            .iter()
+            .map(|t| t.stats().rx_drop_truncated)
+            .sum::<u64>(),
+        1,
+        "a frame larger than the buffer is a counted drop"
+    );
     assert_eq!(
         per_queue.iter().sum::<usize>(),
         usize::from(FLOWS) * PER_FLOW

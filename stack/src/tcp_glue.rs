@@ -619,6 +619,14 @@ impl Stack {
             .and_then(|s| s.conn.error())
     }
 
+    /// Half-closes: FIN after the queued data, while reading goes on until the peer's FIN. Call
+    /// [`tcp_close`](Self::tcp_close) afterwards to release the handle.
+    pub fn tcp_shutdown(&mut self, now: Duration, h: TcpHandle) {
+        let Ok(s) = self.tcp_sock(h) else { return };
+        s.conn.shutdown();
+        self.tcp_after(now, h.0);
+    }
+
     /// Closes the application's side: FIN after the queued data; the connection finishes in the
     /// background and is freed when done. The handle is invalid afterwards.
     pub fn tcp_close(&mut self, now: Duration, h: TcpHandle) {
@@ -652,6 +660,16 @@ impl Stack {
             .get(h.0 as usize)
             .and_then(Option::as_ref)
             .map(|s| s.conn.summary())
+    }
+
+    /// Summaries of every connection: `local -> remote: variables` (diagnostics).
+    pub fn tcp_debug_all(&self) -> Vec<String> {
+        self.tcp
+            .socks
+            .iter()
+            .flatten()
+            .map(|s| format!("{} -> {}: {}", s.local, s.remote, s.conn.summary()))
+            .collect()
     }
 
     /// Connections in the table (all states but closed).

@@ -1,102 +1,18 @@
 //! The stack against the Linux kernel over a TAP, each test in its own network namespace. The
 //! stack runs on a thread of the namespace; the kernel's `ping` and sockets are the peers.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+mod common;
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
+use common::{addresses, recv_from, Running};
 use ipnet::IpNet;
-use subnetstack_demux::{HashKey, PortSpec};
+use subnetstack_demux::PortSpec;
 use subnetstack_ifaces::netns::{self, TapEnvConfig};
-use subnetstack_ifaces::tap::Tap;
-use subnetstack_ifaces::{Clock, Device, SystemClock};
-use subnetstack_stack::poll::Driver;
-use subnetstack_stack::{Config, Stack};
-
-const LOCAL: [&str; 3] = ["198.18.1.0/24", "198.18.2.0/23", "2001:db8:100::/48"];
-
-/// The stack on its own thread until `stop`; `app` runs after every poll round.
-struct Running {
-    stop: Arc<AtomicBool>,
-    thread: JoinHandle<Stack>,
-}
-
-impl Running {
-    fn start(
-        tap: Tap,
-        setup: impl FnOnce(&mut Stack) -> Box<dyn FnMut(&mut Stack, Duration) + Send> + Send + 'static,
-    ) -> Running {
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let mac = tap.info().mac;
-        let thread = std::thread::spawn(move || {
-            let mut cfg = Config::new(mac, LOCAL.iter().map(|p| p.parse().unwrap()).collect());
-            cfg.hash_key = Some(HashKey([8; 16]));
-            let mut stack = Stack::new(cfg).unwrap();
-            let mut app = setup(&mut stack);
-            let clock = SystemClock::new();
-            let mut drv = Driver::new(tap);
-            while !s.load(Ordering::Relaxed) {
-                let now = clock.now();
-                drv.poll(&mut stack, now).unwrap();
-                app(&mut stack, now);
-                drv.flush(&mut stack).unwrap();
-                drv.wait(&stack, now, Duration::from_millis(5));
-            }
-            stack
-        });
-        Running { stop, thread }
-    }
-
-    fn stop(self) -> Stack {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap()
-    }
-}
-
-/// `recv_from`, retrying when a signal (another test's child process exiting) interrupts it.
-fn recv_from(s: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
-    loop {
-        match s.recv_from(buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            r => return r,
-        }
-    }
-}
-
-/// Deterministic addresses inside `net`, avoiding the network and broadcast addresses.
-fn addresses(net: &str, n: usize, seed: u64) -> Vec<IpAddr> {
-    let net: IpNet = net.parse().unwrap();
-    let mut x = seed;
-    let mut out = Vec::new();
-    while out.len() < n {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let r = x >> 11;
-        let a = match net {
-            IpNet::V4(v) => {
-                let host = (r as u32) & !u32::from(v.netmask());
-                IpAddr::V4(Ipv4Addr::from(u32::from(v.network()) | host))
-            }
-            IpNet::V6(v) => {
-                let host = (u128::from(r) * 0x9e37_79b9_7f4a_7c15) & !u128::from(v.netmask());
-                IpAddr::V6(Ipv6Addr::from(u128::from(v.network()) | host))
-            }
-        };
-        let bad = match a {
-            IpAddr::V4(v) => v.octets()[3] == 0 || v.octets()[3] == 255,
-            IpAddr::V6(v) => v.segments()[7] == 0,
-        };
-        if !bad && !out.contains(&a) {
-            out.push(a);
-        }
-    }
-    out
-}
+use subnetstack_ifaces::Device;
+use subnetstack_stack::Stack;
 
 /// Pings each address once (25 at a time); returns which answered.
 fn ping_all(addrs: &[IpAddr], wait_s: u32) -> Vec<bool> {

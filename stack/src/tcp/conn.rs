@@ -395,14 +395,24 @@ impl Conn {
         self.send.read_at(off, out);
     }
 
-    /// The application closes its side: FIN after the queued data.
+    /// The application will send no more: FIN after the queued data (after the handshake when
+    /// called in SYN-SENT, as Linux's `shutdown(SHUT_WR)` does).
+    pub fn shutdown(&mut self) {
+        if matches!(
+            self.state,
+            State::SynSent | State::SynReceived | State::Established | State::CloseWait
+        ) {
+            self.close_requested = true;
+        }
+    }
+
+    /// The application closes: like [`shutdown`](Self::shutdown), except that a connection still
+    /// in SYN-SENT is simply dropped (RFC 9293 3.10.4).
     pub fn close(&mut self) {
-        match self.state {
-            State::SynSent => self.state = State::Closed,
-            State::SynReceived | State::Established | State::CloseWait => {
-                self.close_requested = true
-            }
-            _ => {}
+        if self.state == State::SynSent {
+            self.state = State::Closed;
+        } else {
+            self.shutdown();
         }
     }
 

@@ -1,0 +1,295 @@
+//! TCP against the Linux kernel over a TAP, each test in its own network namespace.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use common::{addresses, Running};
+use ipnet::IpNet;
+use subnetstack_demux::PortSpec;
+use subnetstack_ifaces::netns::{self, TapEnvConfig};
+use subnetstack_stack::{IoError, Stack, TcpHandle, TcpListenerHandle};
+
+const PREFIXES: [&str; 2] = ["198.18.0.0/16", "2001:db8:100::/48"];
+
+fn env(name: &str) -> netns::TapEnv {
+    netns::tap_env(&TapEnvConfig::new(
+        name,
+        &["198.18.0.0/16", "2001:db8:100::/48"],
+    ))
+    .unwrap()
+}
+
+/// Per-connection state of the servers below.
+struct Served {
+    kind: &'static str,
+    local: SocketAddr,
+    inbuf: Vec<u8>,
+    out: Vec<u8>,
+    sent: usize,
+    closing: bool,
+}
+
+/// Echo on one listener and an HTTP-like responder on two (the nested one answers with its own
+/// tag), all inside the stack's poll loop.
+fn servers(s: &mut Stack) -> common::App {
+    let listen = |s: &mut Stack, net: &str, port: u16| {
+        s.tcp_listen(
+            net.parse().unwrap(),
+            PortSpec::exact(port).unwrap(),
+            false,
+            128,
+        )
+        .unwrap()
+    };
+    let listeners: Vec<(TcpListenerHandle, &'static str)> = vec![
+        (listen(s, "198.18.0.0/16", 7), "echo"),
+        (listen(s, "198.18.0.0/16", 80), "wide"),
+        (listen(s, "198.18.5.0/24", 80), "nested"),
+        (listen(s, "2001:db8:100::/48", 7), "echo"),
+    ];
+    let mut conns: HashMap<TcpHandle, Served> = HashMap::new();
+    Box::new(move |s: &mut Stack, now| {
+        for &(l, kind) in &listeners {
+            while let Some((h, local, _)) = s.tcp_accept(l) {
+                conns.insert(
+                    h,
+                    Served {
+                        kind,
+                        local,
+                        inbuf: Vec::new(),
+                        out: Vec::new(),
+                        sent: 0,
+                        closing: false,
+                    },
+                );
+            }
+        }
+        let mut done = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        for (&h, c) in conns.iter_mut() {
+            let mut eof = false;
+            loop {
+                match s.tcp_recv(now, h, &mut buf) {
+                    Ok(0) => {
+                        eof = true;
+                        break;
+                    }
+                    Ok(n) => c.inbuf.extend_from_slice(&buf[..n]),
+                    Err(_) => break,
+                }
+            }
+            if c.kind == "echo" {
+                c.out.append(&mut c.inbuf);
+            } else if !c.closing && c.inbuf.windows(4).any(|w| w == b"\r\n\r\n") {
+                c.out.extend_from_slice(
+                    format!("HTTP/1.0 200 OK\r\n\r\n{} {}", c.kind, c.local.ip()).as_bytes(),
+                );
+                c.closing = true;
+            }
+            while c.sent < c.out.len() {
+                match s.tcp_send(now, h, &c.out[c.sent..]) {
+                    Ok(n) => c.sent += n,
+                    Err(_) => break,
+                }
+            }
+            if c.sent == c.out.len() {
+                c.out.clear();
+                c.sent = 0;
+                if eof || c.closing {
+                    s.tcp_close(now, h);
+                    done.push(h);
+                }
+            }
+            if s.tcp_error(h).is_some() {
+                done.push(h);
+            }
+        }
+        for h in done {
+            conns.remove(&h);
+        }
+    })
+}
+
+#[test]
+fn kernel_clients_reach_the_listener_the_rules_pick() {
+    if !netns::live("kernel_clients_reach_the_listener_the_rules_pick") {
+        return;
+    }
+    let env = env("sst-tcp");
+    let tap = env.queues.into_iter().next().unwrap();
+    let run = Running::start_with(tap, &PREFIXES, servers);
+    let nested: IpNet = "198.18.5.0/24".parse().unwrap();
+    let mut targets = addresses("198.18.0.0/16", 150, 11);
+    targets.extend(addresses("198.18.5.0/24", 50, 12));
+    let mut v6 = addresses("2001:db8:100::/48", 50, 13);
+    for (i, a) in targets.iter().enumerate() {
+        // Echo (port 7) and HTTP (port 80) on every address.
+        let mut s = TcpStream::connect_timeout(&SocketAddr::new(*a, 7), Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("{a}:7: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let msg = format!("hello {i} from the kernel");
+        s.write_all(msg.as_bytes()).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut back = String::new();
+        s.read_to_string(&mut back).unwrap();
+        assert_eq!(back, msg, "echo via {a}");
+
+        let mut h =
+            TcpStream::connect_timeout(&SocketAddr::new(*a, 80), Duration::from_secs(5)).unwrap();
+        h.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        h.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        let mut resp = String::new();
+        h.read_to_string(&mut resp).unwrap();
+        let tag = if nested.contains(a) { "nested" } else { "wide" };
+        assert!(resp.ends_with(&format!("{tag} {a}")), "{a}: {resp:?}");
+    }
+    for (i, a) in v6.drain(..).enumerate() {
+        let mut s =
+            TcpStream::connect_timeout(&SocketAddr::new(a, 7), Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let msg = format!("v6 hello {i}");
+        s.write_all(msg.as_bytes()).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut back = String::new();
+        s.read_to_string(&mut back).unwrap();
+        assert_eq!(back, msg);
+    }
+    // A port nobody listens on is refused (RST).
+    let e = TcpStream::connect_timeout(&"198.18.9.9:81".parse().unwrap(), Duration::from_secs(5))
+        .unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+    let stack = run.stop();
+    println!("stack: {}", stack.counters());
+}
+
+#[test]
+fn bulk_both_ways_with_the_kernel() {
+    if !netns::live("bulk_both_ways_with_the_kernel") {
+        return;
+    }
+    let env = env("sst-bulk");
+    let tap = env.queues.into_iter().next().unwrap();
+    let run = Running::start_with(tap, &PREFIXES, servers);
+    const SIZE: usize = 32 << 20;
+    let data: Vec<u8> = (0..SIZE)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let mut s =
+        TcpStream::connect_timeout(&"198.18.77.7:7".parse().unwrap(), Duration::from_secs(5))
+            .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let d2 = data.clone();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&d2).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let t0 = std::time::Instant::now();
+    let mut back = Vec::with_capacity(SIZE);
+    if let Err(e) = s.read_to_end(&mut back) {
+        let stack = run.stop();
+        panic!(
+            "read failed after {} bytes: {e}\n{}\n{}",
+            back.len(),
+            stack.counters(),
+            stack.tcp_debug_all().join("\n")
+        );
+    }
+    writer.join().unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    assert!(
+        back == data,
+        "echoed {} of {} bytes intact",
+        back.len(),
+        SIZE
+    );
+    println!(
+        "32 MiB each way in {secs:.2} s ({:.0} Mbit/s each way)",
+        SIZE as f64 * 8.0 / secs / 1e6
+    );
+    let stack = run.stop();
+    println!("stack: {}", stack.counters());
+}
+
+#[test]
+fn the_stack_dials_a_kernel_listener_from_local_addresses() {
+    if !netns::live("the_stack_dials_a_kernel_listener_from_local_addresses") {
+        return;
+    }
+    let env = env("sst-dial");
+    let tap = env.queues.into_iter().next().unwrap();
+    let listener = TcpListener::bind((netns::KERNEL_V4, 9000)).unwrap();
+    let server = std::thread::spawn(move || {
+        let mut peers = Vec::new();
+        for _ in 0..20 {
+            let (mut c, peer) = listener.accept().unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut msg = Vec::new();
+            c.read_to_end(&mut msg).unwrap();
+            c.write_all(&msg).unwrap();
+            peers.push(peer);
+        }
+        peers
+    });
+    let sources: Vec<IpAddr> = addresses("198.18.3.0/24", 20, 21);
+    let srcs = sources.clone();
+    let run = Running::start_with(tap, &PREFIXES, move |_| {
+        // One connection at a time: connect, send, half-close, read the echo, close.
+        let mut i = 0;
+        let mut cur: Option<(TcpHandle, Vec<u8>, bool)> = None;
+        Box::new(move |s: &mut Stack, now| {
+            if i == srcs.len() {
+                return;
+            }
+            if cur.is_none() {
+                let h = s
+                    .tcp_connect(
+                        now,
+                        SocketAddr::new(srcs[i], 0),
+                        SocketAddr::from((netns::KERNEL_V4, 9000)),
+                    )
+                    .unwrap();
+                cur = Some((h, Vec::new(), false));
+            }
+            let (h, got, sent) = cur.as_mut().unwrap();
+            let msg = format!("from {}", srcs[i]);
+            if !*sent {
+                if s.tcp_send(now, *h, msg.as_bytes()) == Ok(msg.len()) {
+                    *sent = true;
+                    // Half-close: the kernel reads to EOF before echoing.
+                    s.tcp_shutdown(now, *h);
+                }
+                return;
+            }
+            let mut buf = [0u8; 256];
+            loop {
+                match s.tcp_recv(now, *h, &mut buf) {
+                    Ok(0) => {
+                        assert_eq!(got, msg.as_bytes(), "the echo came back to the stack");
+                        s.tcp_close(now, *h);
+                        i += 1;
+                        cur = None;
+                        return;
+                    }
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(IoError::WouldBlock | IoError::NotConnected) => return,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        })
+    });
+    let peers = server.join().unwrap();
+    run.stop();
+    let mut seen: Vec<IpAddr> = peers.iter().map(|p| p.ip()).collect();
+    seen.sort();
+    let mut want = sources;
+    want.sort();
+    assert_eq!(
+        seen, want,
+        "each connection came from the chosen local address"
+    );
+}
