@@ -137,6 +137,13 @@ pub struct Seg {
     pub seq: i32,
     pub ack: Option<i32>,
     pub syn: bool,
+    pub fin: bool,
+    pub rst: bool,
+    pub window: u16,
+    /// Options of the segment (MSS, window scale, timestamps).
+    pub mss: Option<u16>,
+    pub wscale: Option<u8>,
+    pub ts: Option<(u32, u32)>,
     pub payload: Vec<u8>,
     pub peer_mac: Mac,
     pub ttl: u8,
@@ -149,6 +156,13 @@ pub fn tcp4(frame: &[u8]) -> Option<Seg> {
         return None;
     }
     let p = TcpPacket::new_checked(payload).ok()?;
+    let r = TcpRepr::parse(
+        &p,
+        &ip.src_addr.into(),
+        &ip.dst_addr.into(),
+        &ChecksumCapabilities::ignored(),
+    )
+    .ok();
     Some(Seg {
         src: ip.src_addr,
         dst: ip.dst_addr,
@@ -157,6 +171,14 @@ pub fn tcp4(frame: &[u8]) -> Option<Seg> {
         seq: p.seq_number().0,
         ack: p.ack().then(|| p.ack_number().0),
         syn: p.syn(),
+        fin: p.fin(),
+        rst: p.rst(),
+        window: p.window_len(),
+        mss: r.as_ref().and_then(|r| r.max_seg_size),
+        wscale: r.as_ref().and_then(|r| r.window_scale),
+        ts: r
+            .as_ref()
+            .and_then(|r| r.timestamp.map(|t| (t.tsval, t.tsecr))),
         payload: p.payload().to_vec(),
         peer_mac,
         ttl: ip.hop_limit,

@@ -723,9 +723,10 @@ impl Conn {
             seq = self.rcv_nxt;
         }
         let off = (seq - self.rcv_nxt) as usize;
+        let had_holes = !self.recv.ranges().is_empty();
         let advanced = self.recv.write(off, data);
         self.rcv_nxt += advanced as u32;
-        if off > 0 || !self.recv.ranges().is_empty() {
+        if off > 0 || had_holes {
             // Out of order, or filling a hole: ACK at once (RFC 5681 4.2).
             self.ack_now = true;
         } else {

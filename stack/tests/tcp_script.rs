@@ -1,0 +1,408 @@
+//! Scripted TCP: a segment in, the exact segment (or counted drop) out, rule by rule
+//! (RFC 9293 §3.10, RFC 5961, RFC 7323).
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use smoltcp::wire::{TcpControl, TcpRepr, TcpTimestampRepr};
+use subnetstack_demux::{HashKey, PortSpec};
+use subnetstack_ifaces::{Batch, FrameMeta, Mac};
+use subnetstack_stack::{Config, DropReason, IoError, Stack, TcpHandle, TcpState};
+use subnetstack_testkit::*;
+
+const S_MAC: Mac = [0x02, 0x53, 0, 0, 0, 1];
+const P_MAC: Mac = [0x02, 0, 0, 0, 0, 0x99];
+const PEER: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 1);
+const LOCAL: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 7);
+const T0: Duration = Duration::from_secs(10);
+
+struct Rig {
+    s: Stack,
+    now: Duration,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let mut cfg = Config::new(S_MAC, vec!["198.18.1.0/24".parse().unwrap()]);
+        cfg.hash_key = Some(HashKey([4; 16]));
+        let mut s = Stack::new(cfg).unwrap();
+        // The peer's MAC is known (it asked for ours).
+        s.handle_frame(T0, &arp_request(P_MAC, PEER, LOCAL), FrameMeta::default());
+        let mut r = Rig { s, now: T0 };
+        r.out();
+        r
+    }
+
+    fn out(&mut self) -> Vec<Seg> {
+        let mut b = Batch::new(64, 2048);
+        self.s.poll_transmit(&mut b);
+        b.frames().iter().filter_map(|f| tcp4(f.data())).collect()
+    }
+
+    /// Sends one segment from the peer (port 40000) to LOCAL:80; returns the stack's answers.
+    fn send(&mut self, repr: &TcpRepr) -> Vec<Seg> {
+        self.s.handle_frame(
+            self.now,
+            &tcp4_frame(P_MAC, S_MAC, PEER, LOCAL, repr),
+            FrameMeta::default(),
+        );
+        self.out()
+    }
+
+    fn advance(&mut self, d: Duration) -> Vec<Seg> {
+        self.now += d;
+        self.s.handle_timeout(self.now);
+        self.out()
+    }
+}
+
+fn seg<'a>(control: TcpControl, seq: i32, ack: Option<i32>, payload: &'a [u8]) -> TcpRepr<'a> {
+    tcp_repr(40000, 80, control, seq, ack, 65535, payload)
+}
+
+/// A listening rig after a completed handshake: returns (rig, our ISN + 1, accepted handle).
+fn established() -> (Rig, i32, TcpHandle) {
+    let mut r = Rig::new();
+    let l =
+        r.s.tcp_listen(
+            "198.18.1.0/24".parse().unwrap(),
+            PortSpec::exact(80).unwrap(),
+            false,
+            8,
+        )
+        .unwrap();
+    let out = r.send(&seg(TcpControl::Syn, 1000, None, &[]));
+    assert_eq!(out.len(), 1);
+    let synack = &out[0];
+    let iss = synack.seq;
+    assert!(r
+        .send(&seg(TcpControl::None, 1001, Some(iss + 1), &[]))
+        .is_empty());
+    let (h, local, remote) = r.s.tcp_accept(l).expect("accepted");
+    assert_eq!(local, "198.18.1.7:80".parse().unwrap());
+    assert_eq!(remote, "198.19.255.1:40000".parse().unwrap());
+    (r, iss + 1, h)
+}
+
+#[test]
+fn syn_to_a_listener_gets_syn_ack_with_options() {
+    let mut r = Rig::new();
+    r.s.tcp_listen(
+        "198.18.1.0/24".parse().unwrap(),
+        PortSpec::exact(80).unwrap(),
+        false,
+        8,
+    )
+    .unwrap();
+    let syn = TcpRepr {
+        max_seg_size: Some(1400),
+        window_scale: Some(7),
+        timestamp: Some(TcpTimestampRepr::new(555, 0)),
+        ..seg(TcpControl::Syn, 1000, None, &[])
+    };
+    let out = r.send(&syn);
+    assert_eq!(out.len(), 1);
+    let s = &out[0];
+    assert!(s.syn && !s.rst && !s.fin);
+    assert_eq!(s.ack, Some(1001));
+    assert_eq!((s.sport, s.dport, s.src), (80, 40000, LOCAL));
+    assert_eq!(s.mss, Some(1460));
+    assert!(s.wscale.is_some(), "window scale answered because offered");
+    assert_eq!(s.ts.map(|t| t.1), Some(555), "timestamp echoed");
+    // Without the peer's options, ours are not sent back (RFC 7323).
+    let mut r2 = Rig::new();
+    r2.s.tcp_listen(
+        "198.18.1.0/24".parse().unwrap(),
+        PortSpec::exact(80).unwrap(),
+        false,
+        8,
+    )
+    .unwrap();
+    let s2 = &r2.send(&seg(TcpControl::Syn, 1000, None, &[]))[0];
+    assert_eq!((s2.wscale, s2.ts), (None, None));
+}
+
+#[test]
+fn syn_without_listener_gets_rst_ack() {
+    let mut r = Rig::new();
+    let out = r.send(&seg(TcpControl::Syn, 1000, None, &[]));
+    assert_eq!(out.len(), 1);
+    assert!(out[0].rst);
+    assert_eq!(out[0].seq, 0);
+    assert_eq!(out[0].ack, Some(1001));
+    assert_eq!(r.s.counters().dropped(DropReason::TcpNoBinding), 1);
+}
+
+#[test]
+fn ack_for_no_connection_gets_rst_from_its_ack_number() {
+    let mut r = Rig::new();
+    let out = r.send(&seg(TcpControl::None, 5000, Some(777), b"stray"));
+    assert_eq!(out.len(), 1);
+    assert!(out[0].rst);
+    assert_eq!(out[0].seq, 777);
+    assert_eq!(out[0].ack, None);
+    // A stray RST is only counted, never answered.
+    assert!(r.send(&seg(TcpControl::Rst, 5000, None, &[])).is_empty());
+    assert_eq!(r.s.counters().dropped(DropReason::TcpNoConnection), 2);
+}
+
+#[test]
+fn syn_and_fin_together_is_a_counted_drop() {
+    let mut r = Rig::new();
+    r.s.tcp_listen(
+        "198.18.1.0/24".parse().unwrap(),
+        PortSpec::exact(80).unwrap(),
+        false,
+        8,
+    )
+    .unwrap();
+    let mut f = tcp4_frame(
+        P_MAC,
+        S_MAC,
+        PEER,
+        LOCAL,
+        &seg(TcpControl::Syn, 1000, None, &[]),
+    );
+    f[34 + 13] |= 0x01; // FIN
+    let mut p = smoltcp::wire::TcpPacket::new_unchecked(&mut f[34..]);
+    p.fill_checksum(&PEER.into(), &LOCAL.into());
+    r.s.handle_frame(r.now, &f, FrameMeta::default());
+    assert!(r.out().is_empty());
+    assert_eq!(r.s.counters().dropped(DropReason::TcpBadFlags), 1);
+    // A bad checksum, likewise.
+    let mut g = tcp4_frame(
+        P_MAC,
+        S_MAC,
+        PEER,
+        LOCAL,
+        &seg(TcpControl::Syn, 1000, None, &[]),
+    );
+    g[34 + 16] ^= 0xff;
+    r.s.handle_frame(r.now, &g, FrameMeta::default());
+    assert!(r.out().is_empty());
+    assert_eq!(r.s.counters().dropped(DropReason::TcpBadChecksum), 1);
+    // An option whose length runs past the header.
+    let mut h = tcp4_frame(
+        P_MAC,
+        S_MAC,
+        PEER,
+        LOCAL,
+        &TcpRepr {
+            max_seg_size: Some(1000),
+            ..seg(TcpControl::Syn, 1000, None, &[])
+        },
+    );
+    h[34 + 21] = 40; // MSS option length 40
+    let mut p = smoltcp::wire::TcpPacket::new_unchecked(&mut h[34..]);
+    p.fill_checksum(&PEER.into(), &LOCAL.into());
+    r.s.handle_frame(r.now, &h, FrameMeta::default());
+    assert!(r.out().is_empty());
+    assert_eq!(r.s.counters().dropped(DropReason::TcpMalformed), 1);
+}
+
+#[test]
+fn data_is_acked_delayed_then_at_the_second_segment() {
+    let (mut r, iss1, h) = established();
+    // One segment: no immediate ACK (delayed).
+    assert!(r
+        .send(&seg(TcpControl::Psh, 1001, Some(iss1), b"hello"))
+        .is_empty());
+    // The delayed ACK fires after 40 ms.
+    let out = r.advance(Duration::from_millis(40));
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].ack, Some(1006));
+    // Two in a row: the second is acked at once.
+    assert!(r
+        .send(&seg(TcpControl::None, 1006, Some(iss1), b"aa"))
+        .is_empty());
+    let out = r.send(&seg(TcpControl::None, 1008, Some(iss1), b"bb"));
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].ack, Some(1010));
+    let mut buf = [0u8; 32];
+    let n = r.s.tcp_recv(r.now, h, &mut buf).unwrap();
+    assert_eq!(&buf[..n], b"helloaabb");
+    assert_eq!(r.s.tcp_recv(r.now, h, &mut buf), Err(IoError::WouldBlock));
+}
+
+#[test]
+fn out_of_order_data_is_acked_at_once_and_reassembled() {
+    let (mut r, iss1, h) = established();
+    let out = r.send(&seg(TcpControl::None, 1006, Some(iss1), b"world"));
+    assert_eq!(out.len(), 1, "a duplicate ACK for the hole");
+    assert_eq!(out[0].ack, Some(1001));
+    let out = r.send(&seg(TcpControl::None, 1001, Some(iss1), b"hello"));
+    assert_eq!(out[0].ack, Some(1011), "hole filled: cumulative ACK");
+    let mut buf = [0u8; 32];
+    let n = r.s.tcp_recv(r.now, h, &mut buf).unwrap();
+    assert_eq!(&buf[..n], b"helloworld");
+}
+
+#[test]
+fn segments_outside_the_window_are_answered_with_an_ack_and_dropped() {
+    let (mut r, iss1, h) = established();
+    // Entirely old data.
+    let out = r.send(&seg(TcpControl::None, 900, Some(iss1), b"old"));
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].ack, Some(1001));
+    // Far beyond the window.
+    let out = r.send(&seg(
+        TcpControl::None,
+        1001 + 10_000_000,
+        Some(iss1),
+        b"future",
+    ));
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].ack, Some(1001));
+    let mut buf = [0u8; 8];
+    assert_eq!(r.s.tcp_recv(r.now, h, &mut buf), Err(IoError::WouldBlock));
+}
+
+#[test]
+fn rst_in_window_but_not_exact_gets_a_challenge_ack() {
+    let (mut r, iss1, h) = established();
+    let out = r.send(&seg(TcpControl::Rst, 1500, None, &[]));
+    assert_eq!(out.len(), 1, "challenge ACK (RFC 5961 3.2)");
+    assert!(!out[0].rst);
+    assert_eq!(out[0].ack, Some(1001));
+    assert_eq!(r.s.tcp_state(h), Some(TcpState::Established));
+    // The exact sequence number resets.
+    r.send(&seg(TcpControl::Rst, 1001, None, &[]));
+    assert_eq!(r.s.tcp_state(h), Some(TcpState::Closed));
+    let mut buf = [0u8; 8];
+    assert!(matches!(
+        r.s.tcp_recv(r.now, h, &mut buf),
+        Err(IoError::Failed(_))
+    ));
+    let _ = iss1;
+}
+
+#[test]
+fn syn_on_an_established_connection_gets_a_challenge_ack() {
+    let (mut r, _, h) = established();
+    let out = r.send(&seg(TcpControl::Syn, 1001, None, &[]));
+    assert_eq!(out.len(), 1);
+    assert!(!out[0].rst && !out[0].syn);
+    assert_eq!(out[0].ack, Some(1001));
+    assert_eq!(r.s.tcp_state(h), Some(TcpState::Established));
+}
+
+#[test]
+fn passive_close_then_our_close() {
+    let (mut r, iss1, h) = established();
+    let out = r.send(&seg(TcpControl::Fin, 1001, Some(iss1), &[]));
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].ack, Some(1002), "FIN acked at once");
+    assert_eq!(r.s.tcp_state(h), Some(TcpState::CloseWait));
+    let mut buf = [0u8; 8];
+    assert_eq!(r.s.tcp_recv(r.now, h, &mut buf), Ok(0), "EOF");
+    r.s.tcp_close(r.now, h);
+    let out = r.out();
+    assert_eq!(out.len(), 1);
+    assert!(out[0].fin);
+    assert_eq!(out[0].seq, iss1);
+    // Its ACK frees the connection.
+    r.send(&seg(TcpControl::None, 1002, Some(iss1 + 1), &[]));
+    assert_eq!(r.s.tcp_connections(), 0);
+}
+
+#[test]
+fn active_close_goes_through_time_wait() {
+    let (mut r, iss1, h) = established();
+    assert_eq!(r.s.tcp_send(r.now, h, b"bye").unwrap(), 3);
+    let out = r.out();
+    assert_eq!(out[0].payload, b"bye");
+    r.s.tcp_close(r.now, h);
+    let out = r.out();
+    assert!(out.iter().any(|s| s.fin), "FIN after the data");
+    let fin_seq = iss1 + 3;
+    r.send(&seg(TcpControl::None, 1001, Some(fin_seq + 1), &[]));
+    let out = r.send(&seg(TcpControl::Fin, 1001, Some(fin_seq + 1), &[]));
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].ack, Some(1002));
+    assert_eq!(r.s.tcp_connections(), 1, "in TIME-WAIT");
+    // A retransmitted FIN is acked again.
+    assert_eq!(
+        r.send(&seg(TcpControl::Fin, 1001, Some(fin_seq + 1), &[]))
+            .len(),
+        1
+    );
+    r.advance(Duration::from_secs(61));
+    assert_eq!(r.s.tcp_connections(), 0, "TIME-WAIT over");
+}
+
+#[test]
+fn unacked_data_is_retransmitted_with_backoff_then_the_connection_times_out() {
+    let (mut r, iss1, h) = established();
+    r.s.tcp_send(r.now, h, b"are you there").unwrap();
+    let first = r.out();
+    assert_eq!(first.len(), 1);
+    let mut times = Vec::new();
+    let start = r.now;
+    // 15 retries with backoff capped at 60 s take about 15 minutes.
+    for _ in 0..20_000 {
+        let out = r.advance(Duration::from_millis(100));
+        for s in out.iter().filter(|s| !s.payload.is_empty()) {
+            assert_eq!(s.seq, iss1, "retransmission from SND.UNA");
+            times.push(r.now - start);
+        }
+        if r.s.tcp_error(h).is_some() {
+            break;
+        }
+    }
+    assert!(times.len() >= 5);
+    // Exponential backoff: each gap at least the previous one.
+    let gaps: Vec<_> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps.windows(2).all(|g| g[1] >= g[0]), "{gaps:?}");
+    assert_eq!(
+        r.s.tcp_error(h),
+        Some(subnetstack_stack::TcpError::TimedOut)
+    );
+}
+
+#[test]
+fn zero_window_is_probed() {
+    let (mut r, iss1, h) = established();
+    // The peer closes its window.
+    r.send(&TcpRepr {
+        window_len: 0,
+        ..seg(TcpControl::None, 1001, Some(iss1), &[])
+    });
+    r.s.tcp_send(r.now, h, b"waiting").unwrap();
+    assert!(
+        r.out().iter().all(|s| s.payload.is_empty()),
+        "nothing sent into a zero window"
+    );
+    let mut probed = false;
+    for _ in 0..50 {
+        if r.advance(Duration::from_millis(100))
+            .iter()
+            .any(|s| s.payload.len() == 1)
+        {
+            probed = true;
+            break;
+        }
+    }
+    assert!(probed, "a one-byte zero-window probe");
+}
+
+#[test]
+fn listener_backlog_bounds_half_open_connections() {
+    let mut r = Rig::new();
+    r.s.tcp_listen(
+        "198.18.1.0/24".parse().unwrap(),
+        PortSpec::exact(80).unwrap(),
+        false,
+        2,
+    )
+    .unwrap();
+    for port in 0..4u16 {
+        let syn = tcp_repr(41000 + port, 80, TcpControl::Syn, 1000, None, 65535, &[]);
+        r.s.handle_frame(
+            r.now,
+            &tcp4_frame(P_MAC, S_MAC, PEER, LOCAL, &syn),
+            FrameMeta::default(),
+        );
+    }
+    assert_eq!(r.out().len(), 2, "two SYN-ACKs");
+    assert_eq!(r.s.counters().dropped(DropReason::TcpListenOverflow), 2);
+}
