@@ -7,10 +7,14 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use common::{addresses, Running};
 use ipnet::IpNet;
 use subnetstack_demux::PortSpec;
+use subnetstack_ifaces::impair::{ImpairConfig, Impaired, Impairment};
 use subnetstack_ifaces::netns::{self, TapEnvConfig};
+use subnetstack_ifaces::SystemClock;
 use subnetstack_stack::{IoError, Stack, TcpHandle, TcpListenerHandle};
 
 const PREFIXES: [&str; 2] = ["198.18.0.0/16", "2001:db8:100::/48"];
@@ -123,8 +127,9 @@ fn kernel_clients_reach_the_listener_the_rules_pick() {
     let tap = env.queues.into_iter().next().unwrap();
     let run = Running::start_with(tap, &PREFIXES, servers);
     let nested: IpNet = "198.18.5.0/24".parse().unwrap();
-    let mut targets = addresses("198.18.0.0/16", 150, 11);
-    targets.extend(addresses("198.18.5.0/24", 50, 12));
+    // 500 addresses, two connections each (echo and HTTP): 1,000 connections, plus IPv6.
+    let mut targets = addresses("198.18.0.0/16", 400, 11);
+    targets.extend(addresses("198.18.5.0/24", 100, 12));
     let mut v6 = addresses("2001:db8:100::/48", 50, 13);
     for (i, a) in targets.iter().enumerate() {
         // Echo (port 7) and HTTP (port 80) on every address.
@@ -213,6 +218,69 @@ fn bulk_both_ways_with_the_kernel() {
     );
     let stack = run.stop();
     println!("stack: {}", stack.counters());
+}
+
+#[test]
+fn bulk_through_an_impaired_tap() {
+    if !netns::live("bulk_through_an_impaired_tap") {
+        return;
+    }
+    let env = env("sst-lossy");
+    let tap = env.queues.into_iter().next().unwrap();
+    // 2 % loss, reordering and duplication, both directions, on the stack's side of the TAP.
+    let imp = Impairment {
+        loss: 0.02,
+        reorder: 0.02,
+        duplicate: 0.01,
+        ..Default::default()
+    };
+    let dev = Impaired::new(
+        tap,
+        ImpairConfig {
+            seed: 7,
+            rx: imp.clone(),
+            tx: imp,
+        },
+        Arc::new(SystemClock::new()),
+    );
+    let run = Running::start_dev(Box::new(dev), &PREFIXES, servers);
+    const SIZE: usize = 8 << 20;
+    let data: Vec<u8> = (0..SIZE)
+        .map(|i| (i.wrapping_mul(40503) >> 7) as u8)
+        .collect();
+    let mut s =
+        TcpStream::connect_timeout(&"198.18.66.6:7".parse().unwrap(), Duration::from_secs(5))
+            .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let d2 = data.clone();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&d2).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let t0 = std::time::Instant::now();
+    let mut back = Vec::with_capacity(SIZE);
+    if let Err(e) = s.read_to_end(&mut back) {
+        let stack = run.stop();
+        panic!(
+            "read failed after {} bytes: {e}\n{}\n{}",
+            back.len(),
+            stack.counters(),
+            stack.tcp_debug_all().join("\n")
+        );
+    }
+    writer.join().unwrap();
+    assert!(
+        back == data,
+        "echoed {} of {} bytes intact",
+        back.len(),
+        SIZE
+    );
+    println!(
+        "8 MiB each way through 2 % loss in {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
+    run.stop();
 }
 
 #[test]

@@ -36,6 +36,15 @@ impl Running {
         prefixes: &[&str],
         setup: impl FnOnce(&mut Stack) -> App + Send + 'static,
     ) -> Running {
+        Self::start_dev(Box::new(tap), prefixes, setup)
+    }
+
+    /// Like `start_with`, over any device (an impaired TAP, say).
+    pub fn start_dev(
+        tap: Box<dyn Device>,
+        prefixes: &[&str],
+        setup: impl FnOnce(&mut Stack) -> App + Send + 'static,
+    ) -> Running {
         let prefixes: Vec<IpNet> = prefixes.iter().map(|p| p.parse().unwrap()).collect();
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
