@@ -627,12 +627,7 @@ impl Stack {
                     seq_no,
                     data,
                 };
-                let mut l4 = std::mem::take(&mut self.scratch);
-                l4.clear();
-                l4.resize(reply.buffer_len(), 0);
-                reply.emit(&mut Icmpv4Packet::new_unchecked(&mut l4[..]), &caps);
-                self.send_ip(now, dst.into(), src.into(), IpProtocol::Icmp, 64, &l4);
-                self.scratch = l4;
+                self.send_icmpv4(now, dst, src, &reply);
                 self.counters.echo_replies += 1;
             }
             Ok(Icmpv4Repr::DstUnreachable {
@@ -887,12 +882,7 @@ impl Stack {
                     },
                     data,
                 };
-                let mut buf = std::mem::take(&mut self.scratch);
-                buf.clear();
-                buf.resize(repr.buffer_len(), 0);
-                repr.emit(&mut Icmpv4Packet::new_unchecked(&mut buf[..]), &CAPS());
-                self.send_ip(now, dst.into(), src.into(), IpProtocol::Icmp, 64, &buf);
-                self.scratch = buf;
+                self.send_icmpv4(now, dst, src, &repr);
             }
             (IpAddr::V6(src), IpAddr::V6(dst)) => {
                 // RFC 4443 2.4(c): as much as fits in the minimum MTU.
@@ -951,6 +941,15 @@ impl Stack {
         self.eth_header(&mut f, dst, EthernetProtocol::Arp);
         repr.emit(&mut ArpPacket::new_unchecked(&mut f[14..]));
         self.queue_tx(f);
+    }
+
+    fn send_icmpv4(&mut self, now: Duration, src: Ipv4Addr, dst: Ipv4Addr, repr: &Icmpv4Repr) {
+        let mut buf = std::mem::take(&mut self.scratch);
+        buf.clear();
+        buf.resize(repr.buffer_len(), 0);
+        repr.emit(&mut Icmpv4Packet::new_unchecked(&mut buf[..]), &CAPS());
+        self.send_ip(now, src.into(), dst.into(), IpProtocol::Icmp, 64, &buf);
+        self.scratch = buf;
     }
 
     fn send_icmpv6(

@@ -171,22 +171,15 @@ fn kernel_clients_reach_the_listener_the_rules_pick() {
     println!("stack: {}", stack.counters());
 }
 
-#[test]
-fn bulk_both_ways_with_the_kernel() {
-    if !netns::live("bulk_both_ways_with_the_kernel") {
-        return;
-    }
-    let env = env("sst-bulk");
-    let tap = env.queues.into_iter().next().unwrap();
-    let run = Running::start_with(tap, &PREFIXES, servers);
-    const SIZE: usize = 32 << 20;
-    let data: Vec<u8> = (0..SIZE)
+/// Echoes `size` bytes through the stack's echo listener at `dst` from a kernel client (writer and
+/// reader on two threads); returns the seconds it took. On failure, prints the stack's
+/// connections before panicking.
+fn echo_bulk(run: Running, dst: &str, size: usize) -> f64 {
+    let data: Vec<u8> = (0..size)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
-    let mut s =
-        TcpStream::connect_timeout(&"198.18.77.7:7".parse().unwrap(), Duration::from_secs(5))
-            .unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut s = TcpStream::connect_timeout(&dst.parse().unwrap(), Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut w = s.try_clone().unwrap();
     let d2 = data.clone();
     let writer = std::thread::spawn(move || {
@@ -194,7 +187,7 @@ fn bulk_both_ways_with_the_kernel() {
         w.shutdown(Shutdown::Write).unwrap();
     });
     let t0 = std::time::Instant::now();
-    let mut back = Vec::with_capacity(SIZE);
+    let mut back = Vec::with_capacity(size);
     if let Err(e) = s.read_to_end(&mut back) {
         let stack = run.stop();
         panic!(
@@ -206,18 +199,26 @@ fn bulk_both_ways_with_the_kernel() {
     }
     writer.join().unwrap();
     let secs = t0.elapsed().as_secs_f64();
-    assert!(
-        back == data,
-        "echoed {} of {} bytes intact",
-        back.len(),
-        SIZE
-    );
+    assert!(back == data, "echoed {} of {size} bytes intact", back.len());
+    let stack = run.stop();
+    println!("stack: {}", stack.counters());
+    secs
+}
+
+#[test]
+fn bulk_both_ways_with_the_kernel() {
+    if !netns::live("bulk_both_ways_with_the_kernel") {
+        return;
+    }
+    let env = env("sst-bulk");
+    let tap = env.queues.into_iter().next().unwrap();
+    let run = Running::start_with(tap, &PREFIXES, servers);
+    const SIZE: usize = 32 << 20;
+    let secs = echo_bulk(run, "198.18.77.7:7", SIZE);
     println!(
         "32 MiB each way in {secs:.2} s ({:.0} Mbit/s each way)",
         SIZE as f64 * 8.0 / secs / 1e6
     );
-    let stack = run.stop();
-    println!("stack: {}", stack.counters());
 }
 
 #[test]
@@ -244,43 +245,8 @@ fn bulk_through_an_impaired_tap() {
         Arc::new(SystemClock::new()),
     );
     let run = Running::start_dev(Box::new(dev), &PREFIXES, servers);
-    const SIZE: usize = 8 << 20;
-    let data: Vec<u8> = (0..SIZE)
-        .map(|i| (i.wrapping_mul(40503) >> 7) as u8)
-        .collect();
-    let mut s =
-        TcpStream::connect_timeout(&"198.18.66.6:7".parse().unwrap(), Duration::from_secs(5))
-            .unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut w = s.try_clone().unwrap();
-    let d2 = data.clone();
-    let writer = std::thread::spawn(move || {
-        w.write_all(&d2).unwrap();
-        w.shutdown(Shutdown::Write).unwrap();
-    });
-    let t0 = std::time::Instant::now();
-    let mut back = Vec::with_capacity(SIZE);
-    if let Err(e) = s.read_to_end(&mut back) {
-        let stack = run.stop();
-        panic!(
-            "read failed after {} bytes: {e}\n{}\n{}",
-            back.len(),
-            stack.counters(),
-            stack.tcp_debug_all().join("\n")
-        );
-    }
-    writer.join().unwrap();
-    assert!(
-        back == data,
-        "echoed {} of {} bytes intact",
-        back.len(),
-        SIZE
-    );
-    println!(
-        "8 MiB each way through 2 % loss in {:.2} s",
-        t0.elapsed().as_secs_f64()
-    );
-    run.stop();
+    let secs = echo_bulk(run, "198.18.66.6:7", 8 << 20);
+    println!("8 MiB each way through 2 % loss in {secs:.2} s");
 }
 
 #[test]
