@@ -100,6 +100,8 @@ pub struct Counters {
     pub udp_sent: u64,
     /// Datagrams completed by reassembly.
     pub reassembled: u64,
+    /// TCP connections that skipped TIME-WAIT because the limit was reached.
+    pub tcp_time_wait_skipped: u64,
     drops: Vec<u64>,
 }
 

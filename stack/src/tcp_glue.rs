@@ -12,7 +12,7 @@ use smoltcp::wire::{IpProtocol, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, Tc
 use subnetstack_demux::{BindError, Binding, BindingId, Flow, ListenerId, PortSpec, Protocol};
 use subnetstack_ifaces::{Csum, FrameMeta};
 
-use crate::tcp::conn::{Conn, SegIn, SegOut, State, TcpConfig, TcpError};
+use crate::tcp::conn::{Conn, Keepalive, SegIn, SegOut, State, TcpConfig, TcpError};
 use crate::tcp::seq::Seq;
 use crate::tcp::wheel::TimerWheel;
 use crate::{DropReason, IpL4, Stack};
@@ -101,6 +101,8 @@ struct Sock {
     accepted: bool,
     app_closed: bool,
     armed: Option<Duration>,
+    /// Counted in `Tcp::time_wait`.
+    in_time_wait: bool,
 }
 
 /// TCP state of a stack.
@@ -113,6 +115,8 @@ pub(crate) struct Tcp {
     table: HashMap<(SocketAddr, SocketAddr), u32>,
     wheel: TimerWheel,
     ephemeral: u32,
+    /// Connections in TIME-WAIT.
+    time_wait: usize,
     out: Vec<SegOut>,
     fired: Vec<u32>,
 }
@@ -239,6 +243,23 @@ impl Stack {
             }
         }
         let s = self.tcp.socks[idx as usize].as_mut().expect("present");
+        // TIME-WAIT is bounded: past the limit a connection closes at once (RFC 6191 would
+        // allow reuse with timestamps; skipping is what Linux does at tcp_max_tw_buckets).
+        let mut state = state;
+        if state == State::TimeWait && !s.in_time_wait {
+            if self.tcp.time_wait >= self.tcp.cfg.max_time_wait {
+                s.conn.force_close();
+                state = State::Closed;
+                self.counters.tcp_time_wait_skipped += 1;
+            } else {
+                s.in_time_wait = true;
+                self.tcp.time_wait += 1;
+            }
+        }
+        if state == State::Closed && s.in_time_wait {
+            s.in_time_wait = false;
+            self.tcp.time_wait -= 1;
+        }
         if state == State::Closed {
             self.tcp.table.remove(&(s.local, s.remote));
             let orphan = s.listener.is_some() && !s.accepted;
@@ -372,6 +393,7 @@ impl Stack {
             accepted: false,
             app_closed: false,
             armed: None,
+            in_time_wait: false,
         });
         self.tcp_after(now, idx);
     }
@@ -529,6 +551,7 @@ impl Stack {
             accepted: true,
             app_closed: false,
             armed: None,
+            in_time_wait: false,
         });
         self.tcp_after(now, idx);
         Ok(TcpHandle(idx))
@@ -617,6 +640,24 @@ impl Stack {
             .get(h.0 as usize)
             .and_then(Option::as_ref)
             .and_then(|s| s.conn.error())
+    }
+
+    /// Switches Nagle's algorithm off (`nodelay = true`) or on.
+    pub fn tcp_set_nodelay(&mut self, h: TcpHandle, nodelay: bool) -> Result<(), IoError> {
+        self.tcp_sock(h)?.conn.set_nagle(!nodelay);
+        Ok(())
+    }
+
+    /// Sets or clears keepalive probing on a connection.
+    pub fn tcp_set_keepalive(
+        &mut self,
+        now: Duration,
+        h: TcpHandle,
+        k: Option<Keepalive>,
+    ) -> Result<(), IoError> {
+        self.tcp_sock(h)?.conn.set_keepalive(k, now);
+        self.tcp_after(now, h.0);
+        Ok(())
     }
 
     /// Half-closes: FIN after the queued data, while reading goes on until the peer's FIN. Call

@@ -406,3 +406,83 @@ fn listener_backlog_bounds_half_open_connections() {
     assert_eq!(r.out().len(), 2, "two SYN-ACKs");
     assert_eq!(r.s.counters().dropped(DropReason::TcpListenOverflow), 2);
 }
+
+#[test]
+fn keepalive_probes_an_idle_peer_then_gives_up() {
+    let (mut r, iss1, h) = established();
+    let k = subnetstack_stack::Keepalive {
+        idle: Duration::from_secs(10),
+        interval: Duration::from_secs(2),
+        probes: 3,
+    };
+    r.s.tcp_set_keepalive(r.now, h, Some(k)).unwrap();
+    assert!(
+        r.advance(Duration::from_secs(9)).is_empty(),
+        "quiet while not idle long enough"
+    );
+    let out = r.advance(Duration::from_secs(1));
+    assert_eq!(out.len(), 1, "first probe after 10 s idle");
+    assert_eq!(out[0].seq, iss1 - 1, "probe is SND.UNA - 1");
+    assert!(out[0].payload.is_empty());
+    // The peer answers: probing stops until the next idle period.
+    r.send(&seg(TcpControl::None, 1001, Some(iss1), &[]));
+    assert!(r.advance(Duration::from_secs(5)).is_empty());
+    // Now it goes silent: 3 probes, then the connection is dropped.
+    let mut probes = 0;
+    for _ in 0..30 {
+        probes += r.advance(Duration::from_secs(1)).len();
+    }
+    assert_eq!(probes, 3);
+    assert_eq!(
+        r.s.tcp_error(h),
+        Some(subnetstack_stack::TcpError::TimedOut)
+    );
+}
+
+#[test]
+fn time_wait_is_bounded() {
+    let mut cfg = Config::new(S_MAC, vec!["198.18.1.0/24".parse().unwrap()]);
+    cfg.tcp.max_time_wait = 0;
+    let mut r = Rig {
+        s: Stack::new(cfg).unwrap(),
+        now: T0,
+    };
+    r.s.handle_frame(T0, &arp_request(P_MAC, PEER, LOCAL), FrameMeta::default());
+    r.out();
+    let l =
+        r.s.tcp_listen(
+            "198.18.1.0/24".parse().unwrap(),
+            PortSpec::exact(80).unwrap(),
+            false,
+            8,
+        )
+        .unwrap();
+    let iss = r.send(&seg(TcpControl::Syn, 1000, None, &[]))[0].seq;
+    r.send(&seg(TcpControl::None, 1001, Some(iss + 1), &[]));
+    let (h, _, _) = r.s.tcp_accept(l).unwrap();
+    r.s.tcp_close(r.now, h);
+    r.out();
+    r.send(&seg(TcpControl::None, 1001, Some(iss + 2), &[]));
+    r.send(&seg(TcpControl::Fin, 1001, Some(iss + 2), &[]));
+    assert_eq!(
+        r.s.tcp_connections(),
+        0,
+        "no TIME-WAIT slot: closed at once"
+    );
+    assert_eq!(r.s.counters().tcp_time_wait_skipped, 1);
+}
+
+#[test]
+fn nodelay_sends_small_segments_at_once() {
+    let (mut r, _, h) = established();
+    r.s.tcp_send(r.now, h, b"a").unwrap();
+    assert_eq!(r.out().len(), 1);
+    // Nagle: a second small write waits for the ACK of the first.
+    r.s.tcp_send(r.now, h, b"b").unwrap();
+    assert!(r.out().is_empty());
+    r.s.tcp_set_nodelay(h, true).unwrap();
+    r.s.tcp_send(r.now, h, b"c").unwrap();
+    let out = r.out();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].payload, b"bc");
+}

@@ -78,6 +78,31 @@ pub struct TcpConfig {
     pub time_wait: Duration,
     /// Offer timestamps (RFC 7323).
     pub timestamps: bool,
+    /// Keepalive probes for idle established connections (off by default, as in Linux).
+    pub keepalive: Option<Keepalive>,
+    /// Most connections in TIME-WAIT per stack; past it a closing connection skips TIME-WAIT.
+    pub max_time_wait: usize,
+}
+
+/// Keepalive settings (RFC 1122 4.2.3.6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Idle time before the first probe.
+    pub idle: Duration,
+    /// Time between unanswered probes.
+    pub interval: Duration,
+    /// Unanswered probes before the connection is dropped (`TimedOut`).
+    pub probes: u32,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Keepalive {
+            idle: Duration::from_secs(7200),
+            interval: Duration::from_secs(75),
+            probes: 9,
+        }
+    }
 }
 
 impl Default for TcpConfig {
@@ -91,6 +116,8 @@ impl Default for TcpConfig {
             syn_retries: 6,
             time_wait: Duration::from_secs(60),
             timestamps: true,
+            keepalive: None,
+            max_time_wait: 16384,
         }
     }
 }
@@ -206,6 +233,9 @@ pub struct Conn {
     ack_now: bool,
     unacked_segs: u32,
     syn_sent_once: bool,
+    keepalive_at: Option<Duration>,
+    keepalive_probes: u32,
+    send_keepalive: bool,
     /// Both sides agreed on window scaling.
     ws_ok: bool,
     error: Option<TcpError>,
@@ -262,6 +292,9 @@ impl Conn {
             ack_now: false,
             unacked_segs: 0,
             syn_sent_once: false,
+            keepalive_at: None,
+            keepalive_probes: 0,
+            send_keepalive: false,
             ws_ok: false,
             error: None,
             retransmitted: 0,
@@ -395,6 +428,23 @@ impl Conn {
         self.send.read_at(off, out);
     }
 
+    /// Switches Nagle's algorithm (`TCP_NODELAY` is `set_nagle(false)`).
+    pub fn set_nagle(&mut self, on: bool) {
+        self.cfg.nagle = on;
+    }
+
+    /// Sets or clears keepalive probing.
+    pub fn set_keepalive(&mut self, k: Option<Keepalive>, now: Duration) {
+        self.cfg.keepalive = k;
+        self.keepalive_probes = 0;
+        self.keepalive_at = k.map(|k| now + k.idle);
+    }
+
+    /// Ends the connection at once (used to skip TIME-WAIT when too many are held).
+    pub fn force_close(&mut self) {
+        self.state = State::Closed;
+    }
+
     /// The application will send no more: FIN after the queued data (after the handshake when
     /// called in SYN-SENT, as Linux's `shutdown(SHUT_WR)` does).
     pub fn shutdown(&mut self) {
@@ -489,6 +539,9 @@ impl Conn {
             }
             return;
         }
+        // Anything acceptable from the peer shows it is alive.
+        self.keepalive_probes = 0;
+        self.keepalive_at = self.cfg.keepalive.map(|k| now + k.idle);
         // 2. RST (RFC 5961 3.2: only an exact match resets; otherwise challenge).
         if seg.rst {
             if seg.seq != self.rcv_nxt {
@@ -603,6 +656,7 @@ impl Conn {
                 self.snd_una = ack;
                 self.snd_wl2 = ack;
                 self.state = State::Established;
+                self.keepalive_at = self.cfg.keepalive.map(|k| now + k.idle);
                 self.rto_at = None;
                 self.retries = 0;
                 if self.timed.is_some() {
@@ -745,6 +799,18 @@ impl Conn {
             self.state = State::Closed;
             return;
         }
+        if let (Some(t), Some(k)) = (self.keepalive_at, self.cfg.keepalive) {
+            if t <= now && self.state == State::Established {
+                if self.keepalive_probes >= k.probes {
+                    self.error = Some(TcpError::TimedOut);
+                    self.state = State::Closed;
+                    return;
+                }
+                self.keepalive_probes += 1;
+                self.send_keepalive = true;
+                self.keepalive_at = Some(now + k.interval);
+            }
+        }
         if self.ack_at.is_some_and(|t| t <= now) {
             self.ack_now = true;
         }
@@ -792,10 +858,19 @@ impl Conn {
 
     /// The earliest deadline of the connection's timers.
     pub fn next_deadline(&self) -> Option<Duration> {
-        [self.rto_at, self.ack_at, self.persist_at, self.time_wait_at]
-            .into_iter()
-            .flatten()
-            .min()
+        let keepalive = self
+            .keepalive_at
+            .filter(|_| self.state == State::Established);
+        [
+            self.rto_at,
+            self.ack_at,
+            self.persist_at,
+            self.time_wait_at,
+            keepalive,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Appends the segments to send now to `out`.
@@ -850,6 +925,19 @@ impl Conn {
             }
         }
         self.send_data(now, out);
+        if std::mem::take(&mut self.send_keepalive) && out.len() == before {
+            // A keepalive probe: one sequence number below SND.UNA, so the peer must answer
+            // with an ACK (RFC 1122 4.2.3.6).
+            let window = self.window_field();
+            out.push(SegOut {
+                seq: self.snd_una + u32::MAX,
+                ack: Some(self.rcv_nxt),
+                window,
+                ts: self.ts_option(now),
+                ..Default::default()
+            });
+            return;
+        }
         if out.len() == before && (self.ack_now || self.ack_at.is_some_and(|t| t <= now)) {
             self.push_ack(now, out);
         }
