@@ -198,13 +198,13 @@ impl NeighborCache {
     /// the frames dropped for neighbours that never answered.
     pub fn poll(&mut self, now: Duration) -> (Vec<(IpAddr, IpAddr)>, Vec<Vec<u8>>) {
         let mut again = Vec::new();
-        let mut dead = Vec::new();
+        let mut dead: Vec<(IpAddr, Vec<Vec<u8>>)> = Vec::new();
         let tries = self.cfg.tries;
         let retry = self.cfg.retry;
         self.map.retain(|ip, e| match &mut e.state {
             State::Incomplete { next_try, tries: t } if *next_try <= now => {
                 if *t >= tries {
-                    dead.extend(e.pending.drain(..));
+                    dead.push((*ip, e.pending.drain(..).collect()));
                     false
                 } else {
                     *t += 1;
@@ -218,7 +218,10 @@ impl NeighborCache {
             }
             _ => true,
         });
-        (again, dead)
+        // The map's order is random per process; sort so that a simulation replays exactly.
+        again.sort();
+        dead.sort_by_key(|d| d.0);
+        (again, dead.into_iter().flat_map(|d| d.1).collect())
     }
 
     /// When [`poll`](Self::poll) next has work.

@@ -264,3 +264,135 @@ fn impaired_links_deliver_every_byte() {
     }
     assert!(failed.is_empty(), "failing seeds: {failed:?}");
 }
+
+/// Bursts of short connections: the client opens `n` at once, each sends a request and reads a
+/// response, both sides close. Every connection completes or reports an error; none stalls.
+fn burst(seed: u64, imp: Impairment, n: usize) -> Result<(), String> {
+    let mut sim = Sim::new(seed, imp);
+    let l = sim
+        .a
+        .tcp_listen(
+            "198.18.10.0/24".parse().unwrap(),
+            PortSpec::exact(80).unwrap(),
+            false,
+            256,
+        )
+        .unwrap();
+    let now = sim.now();
+    let mut clients: Vec<(TcpHandle, Vec<u8>, bool)> = (0..n)
+        .map(|i| {
+            let dst: SocketAddr = format!("198.18.10.{}:80", 1 + i % 200).parse().unwrap();
+            (
+                sim.b
+                    .tcp_connect(now, "198.18.20.2:0".parse().unwrap(), dst)
+                    .unwrap(),
+                Vec::new(),
+                false,
+            )
+        })
+        .collect();
+    let mut servers: Vec<(TcpHandle, Vec<u8>, bool)> = Vec::new();
+    let mut done = 0;
+    for _ in 0..600_000 {
+        sim.step();
+        let now = sim.now();
+        while let Some((h, _, _)) = sim.a.tcp_accept(l) {
+            servers.push((h, Vec::new(), false));
+        }
+        for (h, got, answered) in servers.iter_mut() {
+            if *answered {
+                continue;
+            }
+            let eof = drain(&mut sim.a, now, *h, got);
+            if got.ends_with(b"\n") {
+                let reply = format!("echo {}", got.len());
+                if sim.a.tcp_send(now, *h, reply.as_bytes()).is_ok() {
+                    sim.a.tcp_close(now, *h);
+                    *answered = true;
+                }
+            } else if eof || sim.a.tcp_error(*h).is_some() {
+                sim.a.tcp_close(now, *h);
+                *answered = true;
+            }
+        }
+        for (i, (h, got, finished)) in clients.iter_mut().enumerate() {
+            if *finished {
+                continue;
+            }
+            if let Some(e) = sim.b.tcp_error(*h) {
+                return Err(format!(
+                    "connection {i} failed at {:?}: {e}: {:?}; server side: {:?}",
+                    sim.now(),
+                    sim.b.tcp_debug(*h),
+                    sim.a
+                        .tcp_debug_all()
+                        .iter()
+                        .filter(|l| l.contains(&format!("{}", 0)))
+                        .count()
+                ));
+            }
+            let req = format!("request {i}\n");
+            if got.is_empty()
+                && sim.b.tcp_state(*h) == Some(subnetstack_stack::TcpState::Established)
+                && sim.b.tcp_readable(*h) == 0
+            {
+                let _ = sim.b.tcp_send(now, *h, req.as_bytes());
+                got.push(0); // marks "request sent"
+            }
+            let mut body = Vec::new();
+            if drain(&mut sim.b, now, *h, &mut body) {
+                got.extend_from_slice(&body);
+                if got[1..] != *format!("echo {}", req.len()).as_bytes() {
+                    return Err(format!(
+                        "connection {i}: wrong reply {:?}",
+                        String::from_utf8_lossy(&got[1..])
+                    ));
+                }
+                sim.b.tcp_close(now, *h);
+                *finished = true;
+                done += 1;
+            } else {
+                got.extend_from_slice(&body);
+            }
+        }
+        if done == n {
+            if std::env::var_os("SIM_TRACE").is_some() {
+                eprintln!(
+                    "seed {seed}: done at {:?}; a: {}; b: {}",
+                    sim.now(),
+                    sim.a.counters(),
+                    sim.b.counters()
+                );
+            }
+            for _ in 0..300_000 {
+                if sim.a.tcp_connections() + sim.b.tcp_connections() <= n {
+                    break;
+                }
+                sim.step();
+            }
+            return Ok(());
+        }
+    }
+    Err(format!("stalled: {done} of {n} connections done"))
+}
+
+#[test]
+fn bursts_of_short_connections_complete() {
+    let n = std::env::var("SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(1000)
+        / 10;
+    let seeds: Vec<u64> = match std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()) {
+        Some(s) => vec![s],
+        None => (1..=n.max(1)).collect(),
+    };
+    let mut failed = Vec::new();
+    for seed in seeds {
+        if let Err(e) = burst(seed, lossy(seed), 50) {
+            eprintln!("burst seed {seed} failed: {e}");
+            failed.push(seed);
+        }
+    }
+    assert!(failed.is_empty(), "failing seeds: {failed:?}");
+}
