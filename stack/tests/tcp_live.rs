@@ -163,6 +163,17 @@ fn kernel_clients_reach_the_listener_the_rules_pick() {
         s.read_to_string(&mut back).unwrap();
         assert_eq!(back, msg);
     }
+    // curl, a real HTTP client, reaches the nested listener.
+    let curl = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "5", "http://198.18.5.9/"])
+        .output()
+        .expect("curl is installed");
+    assert!(
+        curl.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&curl.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&curl.stdout), "nested 198.18.5.9");
     // A port nobody listens on is refused (RST).
     let e = TcpStream::connect_timeout(&"198.18.9.9:81".parse().unwrap(), Duration::from_secs(5))
         .unwrap_err();
@@ -213,10 +224,10 @@ fn bulk_both_ways_with_the_kernel() {
     let env = env("sst-bulk");
     let tap = env.queues.into_iter().next().unwrap();
     let run = Running::start_with(tap, &PREFIXES, servers);
-    const SIZE: usize = 32 << 20;
+    const SIZE: usize = 256 << 20;
     let secs = echo_bulk(run, "198.18.77.7:7", SIZE);
     println!(
-        "32 MiB each way in {secs:.2} s ({:.0} Mbit/s each way)",
+        "256 MiB each way in {secs:.2} s ({:.0} Mbit/s each way)",
         SIZE as f64 * 8.0 / secs / 1e6
     );
 }
