@@ -378,13 +378,8 @@ impl Stack {
         }
         lis.pending += 1;
         let iss = self.isn(now, local, remote);
-        let conn = Conn::accept(
-            self.tcp.cfg.clone(),
-            self.tcp_mss(local.is_ipv6()),
-            iss,
-            seg,
-            now,
-        );
+        let v6 = local.is_ipv6();
+        let conn = Conn::accept(self.tcp.cfg.clone(), self.tcp_mss(v6), v6, iss, seg, now);
         let idx = self.tcp_insert(Sock {
             conn,
             local,
@@ -537,12 +532,8 @@ impl Stack {
             found.ok_or(ConnectError::AddrInUse)?
         };
         let iss = self.isn(now, local, remote);
-        let conn = Conn::connect(
-            self.tcp.cfg.clone(),
-            self.tcp_mss(local.is_ipv6()),
-            iss,
-            now,
-        );
+        let v6 = local.is_ipv6();
+        let conn = Conn::connect(self.tcp.cfg.clone(), self.tcp_mss(v6), v6, iss, now);
         let idx = self.tcp_insert(Sock {
             conn,
             local,

@@ -486,3 +486,13 @@ fn nodelay_sends_small_segments_at_once() {
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].payload, b"bc");
 }
+
+#[test]
+fn a_peer_without_an_mss_option_gets_536_byte_segments() {
+    let (mut r, _, h) = established();
+    r.s.tcp_set_nodelay(h, true).unwrap();
+    assert_eq!(r.s.tcp_send(r.now, h, &[7; 2000]).unwrap(), 2000);
+    let out = r.out();
+    assert!(out.len() >= 3);
+    assert_eq!(out[0].payload.len(), 536, "RFC 9293 3.7.1 default for IPv4");
+}

@@ -238,6 +238,8 @@ pub struct Conn {
     send_keepalive: bool,
     /// Both sides agreed on window scaling.
     ws_ok: bool,
+    /// The connection runs over IPv6 (for the default MSS).
+    ipv6: bool,
     error: Option<TcpError>,
     /// Bytes retransmitted (for tests and stats).
     pub retransmitted: u64,
@@ -296,6 +298,7 @@ impl Conn {
             keepalive_probes: 0,
             send_keepalive: false,
             ws_ok: false,
+            ipv6: false,
             error: None,
             retransmitted: 0,
             cfg,
@@ -303,14 +306,24 @@ impl Conn {
     }
 
     /// Active open: a connection in SYN-SENT.
-    pub fn connect(cfg: TcpConfig, local_mss: u16, iss: Seq, now: Duration) -> Conn {
+    pub fn connect(cfg: TcpConfig, local_mss: u16, ipv6: bool, iss: Seq, now: Duration) -> Conn {
         let _ = now;
-        Conn::new(cfg, local_mss, iss, State::SynSent)
+        let mut c = Conn::new(cfg, local_mss, iss, State::SynSent);
+        c.ipv6 = ipv6;
+        c
     }
 
     /// Passive open: a SYN arrived for a listener; the connection is in SYN-RECEIVED.
-    pub fn accept(cfg: TcpConfig, local_mss: u16, iss: Seq, syn: &SegIn, now: Duration) -> Conn {
+    pub fn accept(
+        cfg: TcpConfig,
+        local_mss: u16,
+        ipv6: bool,
+        iss: Seq,
+        syn: &SegIn,
+        now: Duration,
+    ) -> Conn {
         let mut c = Conn::new(cfg, local_mss, iss, State::SynReceived);
+        c.ipv6 = ipv6;
         c.irs = syn.seq;
         c.rcv_nxt = syn.seq + 1;
         c.take_syn_options(syn);
@@ -321,7 +334,9 @@ impl Conn {
     }
 
     fn take_syn_options(&mut self, syn: &SegIn) {
-        let peer_mss = syn.mss.unwrap_or(536);
+        // Without an MSS option: 536 for IPv4, 1220 for IPv6 (RFC 9293 3.7.1, RFC 8200 5).
+        let default = if self.ipv6 { 1220 } else { 536 };
+        let peer_mss = syn.mss.unwrap_or(default);
         self.mss = peer_mss.min(self.local_mss).max(64);
         match syn.wscale {
             Some(s) => {
