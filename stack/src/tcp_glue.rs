@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use smoltcp::phy::ChecksumCapabilities;
-use smoltcp::wire::{IpProtocol, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, TcpTimestampRepr};
+use smoltcp::wire::{IpProtocol, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber};
 use subnetstack_demux::{BindError, Binding, BindingId, Flow, ListenerId, PortSpec, Protocol};
 use subnetstack_ifaces::{Csum, FrameMeta};
 
@@ -149,6 +149,30 @@ fn seg_in<'a>(r: &TcpRepr<'a>) -> SegIn<'a> {
     }
 }
 
+/// Writes a segment's options as Linux lays them out, so that captures read the same to people
+/// and tools: on a SYN `mss, nop, nop, timestamps, nop, wscale`; on other segments
+/// `nop, nop, timestamps`. Returns their length (a multiple of 4).
+fn tcp_options(seg: &SegOut, out: &mut [u8; 40]) -> usize {
+    let mut n = 0;
+    let mut put = |b: &[u8]| {
+        out[n..n + b.len()].copy_from_slice(b);
+        n += b.len();
+    };
+    if let Some(m) = seg.mss {
+        put(&[2, 4]);
+        put(&m.to_be_bytes());
+    }
+    if let Some((val, ecr)) = seg.ts {
+        put(&[1, 1, 8, 10]);
+        put(&val.to_be_bytes());
+        put(&ecr.to_be_bytes());
+    }
+    if let Some(w) = seg.wscale {
+        put(&[1, 3, 3, w]);
+    }
+    n
+}
+
 impl Stack {
     fn tcp_mss(&self, v6: bool) -> u16 {
         (self.cfg.mtu - if v6 { 60 } else { 40 }).min(65535) as u16
@@ -179,40 +203,28 @@ impl Stack {
                 s.conn.payload(seg.off, &mut payload);
             }
         }
-        let control = if seg.syn {
-            TcpControl::Syn
-        } else if seg.rst {
-            TcpControl::Rst
-        } else if seg.fin {
-            TcpControl::Fin
-        } else if seg.psh {
-            TcpControl::Psh
-        } else {
-            TcpControl::None
-        };
-        let repr = TcpRepr {
-            src_port: local.port(),
-            dst_port: remote.port(),
-            control,
-            seq_number: TcpSeqNumber(seg.seq.0 as i32),
-            ack_number: seg.ack.map(|a| TcpSeqNumber(a.0 as i32)),
-            window_len: seg.window,
-            window_scale: seg.wscale,
-            max_seg_size: seg.mss,
-            sack_permitted: false,
-            sack_ranges: [None; 3],
-            timestamp: seg.ts.map(|(a, b)| TcpTimestampRepr::new(a, b)),
-            payload: &payload,
-        };
+        let mut opts = [0u8; 40];
+        let olen = tcp_options(seg, &mut opts);
         let mut l4 = std::mem::take(&mut self.scratch);
         l4.clear();
-        l4.resize(repr.buffer_len(), 0);
-        repr.emit(
-            &mut TcpPacket::new_unchecked(&mut l4[..]),
-            &local.ip().into(),
-            &remote.ip().into(),
-            &ChecksumCapabilities::default(),
-        );
+        l4.resize(20 + olen + payload.len(), 0);
+        let mut p = TcpPacket::new_unchecked(&mut l4[..]);
+        p.set_src_port(local.port());
+        p.set_dst_port(remote.port());
+        p.set_seq_number(TcpSeqNumber(seg.seq.0 as i32));
+        p.set_ack_number(TcpSeqNumber(seg.ack.map_or(0, |a| a.0) as i32));
+        p.set_header_len((20 + olen) as u8);
+        p.clear_flags();
+        p.set_syn(seg.syn);
+        p.set_fin(seg.fin);
+        p.set_rst(seg.rst);
+        p.set_psh(seg.psh);
+        p.set_ack(seg.ack.is_some());
+        p.set_window_len(seg.window);
+        p.set_urgent_at(0);
+        p.options_mut().copy_from_slice(&opts[..olen]);
+        p.payload_mut().copy_from_slice(&payload);
+        p.fill_checksum(&local.ip().into(), &remote.ip().into());
         self.send_ip(now, local.ip(), remote.ip(), IpProtocol::Tcp, 64, &l4);
         self.scratch = l4;
         self.tcp_payload = payload;

@@ -496,3 +496,57 @@ fn a_peer_without_an_mss_option_gets_536_byte_segments() {
     assert!(out.len() >= 3);
     assert_eq!(out[0].payload.len(), 536, "RFC 9293 3.7.1 default for IPv4");
 }
+
+/// Options are laid out as Linux does (DESIGN.md wire conventions).
+#[test]
+fn options_are_laid_out_as_linux_does() {
+    let mut r = Rig::new();
+    let lh =
+        r.s.tcp_listen(
+            "198.18.1.0/24".parse().unwrap(),
+            PortSpec::exact(80).unwrap(),
+            false,
+            8,
+        )
+        .unwrap();
+    let syn = TcpRepr {
+        max_seg_size: Some(1460),
+        window_scale: Some(7),
+        timestamp: Some(TcpTimestampRepr::new(1, 0)),
+        ..seg(TcpControl::Syn, 1000, None, &[])
+    };
+    let options = |f: &[u8]| f[34 + 20..34 + usize::from(f[34 + 12] >> 4) * 4].to_vec();
+    r.s.handle_frame(
+        r.now,
+        &tcp4_frame(P_MAC, S_MAC, PEER, LOCAL, &syn),
+        FrameMeta::default(),
+    );
+    let mut b = Batch::new(4, 2048);
+    r.s.poll_transmit(&mut b);
+    let f = b.frames()[0].data().to_vec();
+    let opts = options(&f);
+    assert_eq!(opts.len(), 20);
+    assert_eq!(&opts[..4], &[2, 4, 0x05, 0xb4], "mss 1460");
+    assert_eq!(&opts[4..8], &[1, 1, 8, 10], "nop nop timestamps");
+    assert_eq!(&opts[16..19], &[1, 3, 3], "nop wscale");
+    let iss = tcp4(&f).unwrap().seq;
+    // Data after the handshake: nop, nop, timestamps; PSH on the segment that empties the buffer.
+    let ack = TcpRepr {
+        timestamp: Some(TcpTimestampRepr::new(2, 1)),
+        ..seg(TcpControl::None, 1001, Some(iss + 1), &[])
+    };
+    r.s.handle_frame(
+        r.now,
+        &tcp4_frame(P_MAC, S_MAC, PEER, LOCAL, &ack),
+        FrameMeta::default(),
+    );
+    let (h, _, _) = r.s.tcp_accept(lh).unwrap();
+    r.s.tcp_send(r.now, h, b"hi").unwrap();
+    b.clear();
+    r.s.poll_transmit(&mut b);
+    let f = b.frames()[0].data().to_vec();
+    let opts = options(&f);
+    assert_eq!(opts.len(), 12);
+    assert_eq!(&opts[..4], &[1, 1, 8, 10]);
+    assert_eq!(f[34 + 13] & 0x18, 0x18, "PSH and ACK");
+}
