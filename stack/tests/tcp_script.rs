@@ -550,3 +550,74 @@ fn options_are_laid_out_as_linux_does() {
     assert_eq!(&opts[..4], &[1, 1, 8, 10]);
     assert_eq!(f[34 + 13] & 0x18, 0x18, "PSH and ACK");
 }
+
+#[test]
+fn simultaneous_close_passes_through_closing() {
+    let (mut r, iss1, h) = established();
+    r.s.tcp_close(r.now, h);
+    let out = r.out();
+    assert!(out[0].fin, "our FIN");
+    // The peer's FIN crosses ours (it does not acknowledge ours yet).
+    let out = r.send(&seg(TcpControl::Fin, 1001, Some(iss1), &[]));
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].ack, Some(1002));
+    assert_eq!(r.s.tcp_state(h), Some(TcpState::Closing));
+    r.send(&seg(TcpControl::None, 1002, Some(iss1 + 1), &[]));
+    assert_eq!(r.s.tcp_state(h), Some(TcpState::TimeWait));
+}
+
+#[test]
+fn simultaneous_open_goes_through_syn_received() {
+    let mut r = Rig::new();
+    let h =
+        r.s.tcp_connect(
+            r.now,
+            "198.18.1.7:5555".parse().unwrap(),
+            "198.19.255.1:40000".parse().unwrap(),
+        )
+        .unwrap();
+    let syn = r.out();
+    assert!(syn[0].syn && syn[0].ack.is_none());
+    let iss = syn[0].seq;
+    // The peer's own SYN crosses ours.
+    let crossing = tcp_repr(40000, 5555, TcpControl::Syn, 7000, None, 65535, &[]);
+    r.s.handle_frame(
+        r.now,
+        &tcp4_frame(P_MAC, S_MAC, PEER, LOCAL, &crossing),
+        FrameMeta::default(),
+    );
+    let out = r.out();
+    assert_eq!(out.len(), 1);
+    assert!(out[0].syn && out[0].ack == Some(7001), "SYN-ACK");
+    assert_eq!(out[0].seq, iss);
+    assert_eq!(r.s.tcp_state(h), Some(TcpState::SynReceived));
+    let synack = tcp_repr(
+        40000,
+        5555,
+        TcpControl::Syn,
+        7000,
+        Some(iss + 1),
+        65535,
+        &[],
+    );
+    r.s.handle_frame(
+        r.now,
+        &tcp4_frame(P_MAC, S_MAC, PEER, LOCAL, &synack),
+        FrameMeta::default(),
+    );
+    let ack = tcp_repr(
+        40000,
+        5555,
+        TcpControl::None,
+        7001,
+        Some(iss + 1),
+        65535,
+        &[],
+    );
+    r.s.handle_frame(
+        r.now,
+        &tcp4_frame(P_MAC, S_MAC, PEER, LOCAL, &ack),
+        FrameMeta::default(),
+    );
+    assert_eq!(r.s.tcp_state(h), Some(TcpState::Established));
+}
