@@ -250,7 +250,7 @@ impl Stack {
         {
             s.accepted = true;
             if let Some(Some(lis)) = self.tcp.listeners.get_mut(l as usize) {
-                lis.pending -= 1;
+                lis.pending = lis.pending.saturating_sub(1);
                 lis.accept.push_back(idx);
             }
         }
@@ -278,7 +278,7 @@ impl Stack {
             if orphan {
                 let l = s.listener.expect("passive");
                 if let Some(Some(lis)) = self.tcp.listeners.get_mut(l as usize) {
-                    lis.pending -= 1;
+                    lis.pending = lis.pending.saturating_sub(1);
                 }
             }
             if orphan || s.app_closed {
