@@ -621,3 +621,21 @@ fn simultaneous_open_goes_through_syn_received() {
     );
     assert_eq!(r.s.tcp_state(h), Some(TcpState::Established));
 }
+
+#[test]
+fn time_wait_acks_a_fin_once() {
+    let (mut r, iss1, h) = established();
+    r.s.tcp_close(r.now, h);
+    r.out();
+    r.send(&seg(TcpControl::None, 1001, Some(iss1 + 1), &[]));
+    assert_eq!(
+        r.send(&seg(TcpControl::Fin, 1001, Some(iss1 + 1), &[]))
+            .len(),
+        1,
+        "the FIN is acked"
+    );
+    // Nothing more goes out while the connection lingers.
+    for _ in 0..5 {
+        assert!(r.advance(Duration::from_secs(1)).is_empty());
+    }
+}

@@ -921,9 +921,12 @@ impl Conn {
                 return;
             }
             State::Closed | State::TimeWait => {
-                if self.ack_now && self.state == State::TimeWait {
+                // One ACK per FIN received; the flag must be cleared here too, or every later
+                // poll re-sends it and a peer that has closed answers each with RST.
+                if std::mem::take(&mut self.ack_now) && self.state == State::TimeWait {
                     self.push_ack(now, out);
                 }
+                self.ack_at = None;
                 return;
             }
             _ => {}
