@@ -320,7 +320,7 @@ mod props {
             let mut reads = reads.into_iter().cycle();
             // Every segment, then retransmissions from the next expected byte until all arrived
             // (as a sender does when the window cut a segment short).
-            let retransmits = std::iter::repeat_n((usize::MAX, 1000), 200);
+            let retransmits = std::iter::repeat_n((usize::MAX, 1000), 20_000);
             for (off, len) in segs.into_iter().chain(retransmits) {
                 let off = if off == usize::MAX { next } else { off };
                 if next == 6000 {
