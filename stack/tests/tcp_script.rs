@@ -33,6 +33,14 @@ impl Rig {
         r
     }
 
+    /// Listens on 198.18.1.0/24:80 with `backlog`.
+    fn listen(&mut self, backlog: usize) -> subnetstack_stack::TcpListenerHandle {
+        let net = "198.18.1.0/24".parse().unwrap();
+        self.s
+            .tcp_listen(net, PortSpec::exact(80).unwrap(), false, backlog)
+            .unwrap()
+    }
+
     fn out(&mut self) -> Vec<Seg> {
         let mut b = Batch::new(64, 2048);
         self.s.poll_transmit(&mut b);
@@ -63,14 +71,7 @@ fn seg<'a>(control: TcpControl, seq: i32, ack: Option<i32>, payload: &'a [u8]) -
 /// A listening rig after a completed handshake: returns (rig, our ISN + 1, accepted handle).
 fn established() -> (Rig, i32, TcpHandle) {
     let mut r = Rig::new();
-    let l =
-        r.s.tcp_listen(
-            "198.18.1.0/24".parse().unwrap(),
-            PortSpec::exact(80).unwrap(),
-            false,
-            8,
-        )
-        .unwrap();
+    let l = r.listen(8);
     let out = r.send(&seg(TcpControl::Syn, 1000, None, &[]));
     assert_eq!(out.len(), 1);
     let synack = &out[0];
@@ -87,13 +88,7 @@ fn established() -> (Rig, i32, TcpHandle) {
 #[test]
 fn syn_to_a_listener_gets_syn_ack_with_options() {
     let mut r = Rig::new();
-    r.s.tcp_listen(
-        "198.18.1.0/24".parse().unwrap(),
-        PortSpec::exact(80).unwrap(),
-        false,
-        8,
-    )
-    .unwrap();
+    r.listen(8);
     let syn = TcpRepr {
         max_seg_size: Some(1400),
         window_scale: Some(7),
@@ -111,13 +106,7 @@ fn syn_to_a_listener_gets_syn_ack_with_options() {
     assert_eq!(s.ts.map(|t| t.1), Some(555), "timestamp echoed");
     // Without the peer's options, ours are not sent back (RFC 7323).
     let mut r2 = Rig::new();
-    r2.s.tcp_listen(
-        "198.18.1.0/24".parse().unwrap(),
-        PortSpec::exact(80).unwrap(),
-        false,
-        8,
-    )
-    .unwrap();
+    r2.listen(8);
     let s2 = &r2.send(&seg(TcpControl::Syn, 1000, None, &[]))[0];
     assert_eq!((s2.wscale, s2.ts), (None, None));
 }
@@ -149,13 +138,7 @@ fn ack_for_no_connection_gets_rst_from_its_ack_number() {
 #[test]
 fn syn_and_fin_together_is_a_counted_drop() {
     let mut r = Rig::new();
-    r.s.tcp_listen(
-        "198.18.1.0/24".parse().unwrap(),
-        PortSpec::exact(80).unwrap(),
-        false,
-        8,
-    )
-    .unwrap();
+    r.listen(8);
     let mut f = tcp4_frame(
         P_MAC,
         S_MAC,
@@ -388,13 +371,7 @@ fn zero_window_is_probed() {
 #[test]
 fn listener_backlog_bounds_half_open_connections() {
     let mut r = Rig::new();
-    r.s.tcp_listen(
-        "198.18.1.0/24".parse().unwrap(),
-        PortSpec::exact(80).unwrap(),
-        false,
-        2,
-    )
-    .unwrap();
+    r.listen(2);
     for port in 0..4u16 {
         let syn = tcp_repr(41000 + port, 80, TcpControl::Syn, 1000, None, 65535, &[]);
         r.s.handle_frame(
@@ -449,14 +426,7 @@ fn time_wait_is_bounded() {
     };
     r.s.handle_frame(T0, &arp_request(P_MAC, PEER, LOCAL), FrameMeta::default());
     r.out();
-    let l =
-        r.s.tcp_listen(
-            "198.18.1.0/24".parse().unwrap(),
-            PortSpec::exact(80).unwrap(),
-            false,
-            8,
-        )
-        .unwrap();
+    let l = r.listen(8);
     let iss = r.send(&seg(TcpControl::Syn, 1000, None, &[]))[0].seq;
     r.send(&seg(TcpControl::None, 1001, Some(iss + 1), &[]));
     let (h, _, _) = r.s.tcp_accept(l).unwrap();
@@ -501,14 +471,7 @@ fn a_peer_without_an_mss_option_gets_536_byte_segments() {
 #[test]
 fn options_are_laid_out_as_linux_does() {
     let mut r = Rig::new();
-    let lh =
-        r.s.tcp_listen(
-            "198.18.1.0/24".parse().unwrap(),
-            PortSpec::exact(80).unwrap(),
-            false,
-            8,
-        )
-        .unwrap();
+    let lh = r.listen(8);
     let syn = TcpRepr {
         max_seg_size: Some(1460),
         window_scale: Some(7),
