@@ -164,16 +164,23 @@ fn kernel_clients_reach_the_listener_the_rules_pick() {
         assert_eq!(back, msg);
     }
     // curl, a real HTTP client, reaches the nested listener.
-    let curl = std::process::Command::new("curl")
+    match std::process::Command::new("curl")
         .args(["-s", "--max-time", "5", "http://198.18.5.9/"])
         .output()
-        .expect("curl is installed");
-    assert!(
-        curl.status.success(),
-        "curl: {}",
-        String::from_utf8_lossy(&curl.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&curl.stdout), "nested 198.18.5.9");
+    {
+        Ok(curl) => {
+            assert!(
+                curl.status.success(),
+                "curl: {}",
+                String::from_utf8_lossy(&curl.stderr)
+            );
+            assert_eq!(String::from_utf8_lossy(&curl.stdout), "nested 198.18.5.9");
+        }
+        Err(e) if std::env::var_os(netns::REQUIRE_LIVE).is_none() => {
+            println!("skipped: the curl check: {e}")
+        }
+        Err(e) => panic!("curl is required here: {e}"),
+    }
     // A port nobody listens on is refused (RST).
     let e = TcpStream::connect_timeout(&"198.18.9.9:81".parse().unwrap(), Duration::from_secs(5))
         .unwrap_err();
