@@ -510,6 +510,23 @@ fn large_datagrams_fragment_and_reassemble_between_two_stacks() {
     assert_eq!(b.counters().dropped_total(), 0, "{}", b.counters());
 }
 
+type Mutation = (&'static str, DropReason, Box<dyn Fn(&mut Vec<u8>)>);
+
+/// Feeds each mutation of `good` to a fresh stack with a UDP socket on `net`:7 and expects no
+/// output and exactly one drop, under the mutation's reason.
+fn expect_drops(net: &str, good: &[u8], cases: &[Mutation]) {
+    for (name, reason, mutate) in cases {
+        let mut s = stack();
+        s.udp_bind(net.parse().unwrap(), PortSpec::exact(7).unwrap(), false)
+            .unwrap();
+        let mut f = good.to_vec();
+        mutate(&mut f);
+        assert!(feed(&mut s, &f).is_empty(), "{name}");
+        assert_eq!(s.counters().dropped(*reason), 1, "{name}: {}", s.counters());
+        assert_eq!(s.counters().dropped_total(), 1, "{name}: {}", s.counters());
+    }
+}
+
 /// Every malformed input: one counted drop under its own reason, no output, no panic.
 #[test]
 fn malformed_input_is_a_counted_drop_per_reason() {
@@ -540,8 +557,7 @@ fn malformed_input_is_a_counted_drop_per_reason() {
         }
         f[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
     };
-    type Case = (&'static str, DropReason, Box<dyn Fn(&mut Vec<u8>)>);
-    let cases: Vec<Case> = vec![
+    let cases: Vec<Mutation> = vec![
         (
             "runt",
             DropReason::EthTruncated,
@@ -642,22 +658,8 @@ fn malformed_input_is_a_counted_drop_per_reason() {
             }),
         ),
     ];
-    for (name, reason, mutate) in &cases {
-        let mut s = stack();
-        s.udp_bind(
-            "198.18.1.0/24".parse().unwrap(),
-            PortSpec::exact(7).unwrap(),
-            false,
-        )
-        .unwrap();
-        let mut f = good.clone();
-        mutate(&mut f);
-        assert!(feed(&mut s, &f).is_empty(), "{name}");
-        assert_eq!(s.counters().dropped(*reason), 1, "{name}: {}", s.counters());
-        assert_eq!(s.counters().dropped_total(), 1, "{name}: {}", s.counters());
-    }
-    type Case6 = (&'static str, DropReason, Box<dyn Fn(&mut Vec<u8>)>);
-    let cases6: Vec<Case6> = vec![
+    expect_drops("198.18.1.0/24", &good, &cases);
+    let cases6: Vec<Mutation> = vec![
         (
             "v6 short",
             DropReason::Ipv6Truncated,
@@ -711,20 +713,7 @@ fn malformed_input_is_a_counted_drop_per_reason() {
             }),
         ),
     ];
-    for (name, reason, mutate) in &cases6 {
-        let mut s = stack();
-        s.udp_bind(
-            "2001:db8:100::/48".parse().unwrap(),
-            PortSpec::exact(7).unwrap(),
-            false,
-        )
-        .unwrap();
-        let mut f = good6.clone();
-        mutate(&mut f);
-        assert!(feed(&mut s, &f).is_empty(), "{name}");
-        assert_eq!(s.counters().dropped(*reason), 1, "{name}: {}", s.counters());
-        assert_eq!(s.counters().dropped_total(), 1, "{name}: {}", s.counters());
-    }
+    expect_drops("2001:db8:100::/48", &good6, &cases6);
     // And the unmodified frames are delivered.
     let mut s = stack();
     let h = s
