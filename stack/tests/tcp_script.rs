@@ -602,3 +602,168 @@ fn time_wait_acks_a_fin_once() {
         assert!(r.advance(Duration::from_secs(1)).is_empty());
     }
 }
+
+/// The stack dials PEER:40000 from LOCAL:5555; returns (rig, our ISN, handle) with the SYN out.
+fn dial() -> (Rig, i32, TcpHandle) {
+    let mut r = Rig::new();
+    let h =
+        r.s.tcp_connect(
+            r.now,
+            "198.18.1.7:5555".parse().unwrap(),
+            "198.19.255.1:40000".parse().unwrap(),
+        )
+        .unwrap();
+    let syn = r.out();
+    assert_eq!(syn.len(), 1);
+    assert!(syn[0].syn && syn[0].ack.is_none());
+    (r, syn[0].seq, h)
+}
+
+/// A segment from the peer to the dialling connection (LOCAL:5555).
+fn to_dialer(
+    r: &mut Rig,
+    control: TcpControl,
+    seq: i32,
+    ack: Option<i32>,
+    payload: &[u8],
+) -> Vec<Seg> {
+    r.send(&tcp_repr(40000, 5555, control, seq, ack, 65535, payload))
+}
+
+#[test]
+fn syn_sent_answers_an_unacceptable_ack_with_rst_and_stays() {
+    let (mut r, iss, h) = dial();
+    // RFC 9293 3.10.7.3: SEG.ACK =< ISS or > SND.NXT -> <SEQ=SEG.ACK><CTL=RST>, drop.
+    let out = to_dialer(&mut r, TcpControl::Syn, 7000, Some(iss + 50), &[]);
+    assert_eq!(out.len(), 1);
+    assert!(out[0].rst && out[0].ack.is_none());
+    assert_eq!(out[0].seq, iss + 50);
+    assert_eq!(r.s.tcp_state(h), Some(TcpState::SynSent));
+    // The same with RST set is dropped without an answer.
+    assert!(to_dialer(&mut r, TcpControl::Rst, 0, Some(iss), &[]).is_empty());
+    assert_eq!(r.s.tcp_state(h), Some(TcpState::SynSent));
+    // A RST without ACK is ignored in SYN-SENT.
+    assert!(to_dialer(&mut r, TcpControl::Rst, 0, None, &[]).is_empty());
+    assert_eq!(r.s.tcp_state(h), Some(TcpState::SynSent));
+    // A plain segment with neither SYN nor RST is dropped.
+    assert!(to_dialer(&mut r, TcpControl::None, 7000, Some(iss + 1), b"x").is_empty());
+    assert_eq!(r.s.tcp_state(h), Some(TcpState::SynSent));
+}
+
+#[test]
+fn syn_sent_rst_with_an_acceptable_ack_is_connection_refused() {
+    let (mut r, iss, h) = dial();
+    assert!(to_dialer(&mut r, TcpControl::Rst, 0, Some(iss + 1), &[]).is_empty());
+    assert_eq!(r.s.tcp_state(h), Some(TcpState::Closed));
+    assert_eq!(r.s.tcp_error(h), Some(subnetstack_stack::TcpError::Refused));
+}
+
+#[test]
+fn syn_sent_syn_ack_completes_with_an_ack() {
+    let (mut r, iss, h) = dial();
+    let out = to_dialer(&mut r, TcpControl::Syn, 7000, Some(iss + 1), &[]);
+    assert_eq!(out.len(), 1);
+    assert_eq!((out[0].seq, out[0].ack), (iss + 1, Some(7001)));
+    assert!(!out[0].syn && !out[0].rst);
+    assert_eq!(r.s.tcp_state(h), Some(TcpState::Established));
+}
+
+#[test]
+fn syn_received_rst_drops_the_embryo_and_the_listener_goes_on() {
+    let mut r = Rig::new();
+    let l = r.listen(1);
+    let synack = r.send(&seg(TcpControl::Syn, 1000, None, &[]));
+    assert_eq!(synack.len(), 1);
+    // RFC 9293 3.10.7.4: RST in SYN-RECEIVED from a passive open returns to LISTEN.
+    assert!(r.send(&seg(TcpControl::Rst, 1001, None, &[])).is_empty());
+    assert_eq!(r.s.tcp_connections(), 0);
+    assert!(r.s.tcp_accept(l).is_none());
+    // The backlog slot is free again: a new SYN is answered.
+    let out = r.send(&seg(TcpControl::Syn, 5000, None, &[]));
+    assert!(out.len() == 1 && out[0].syn);
+}
+
+#[test]
+fn syn_received_unacceptable_ack_gets_rst() {
+    let mut r = Rig::new();
+    let l = r.listen(8);
+    let synack = r.send(&seg(TcpControl::Syn, 1000, None, &[]));
+    let iss = synack[0].seq;
+    let out = r.send(&seg(TcpControl::None, 1001, Some(iss + 99), &[]));
+    assert_eq!(out.len(), 1);
+    assert!(out[0].rst);
+    assert_eq!(out[0].seq, iss + 99);
+    assert!(r.s.tcp_accept(l).is_none(), "not established");
+    // The right ACK still completes the handshake.
+    assert!(r
+        .send(&seg(TcpControl::None, 1001, Some(iss + 1), &[]))
+        .is_empty());
+    assert!(r.s.tcp_accept(l).is_some());
+}
+
+#[test]
+fn a_segment_without_ack_is_dropped_in_a_synchronized_state() {
+    let (mut r, _, h) = established();
+    assert!(r
+        .send(&seg(TcpControl::Psh, 1001, None, b"noack"))
+        .is_empty());
+    let out = r.advance(Duration::from_millis(200));
+    assert!(out.is_empty(), "no delayed ACK: nothing was taken");
+    let mut buf = [0u8; 8];
+    assert_eq!(r.s.tcp_recv(r.now, h, &mut buf), Err(IoError::WouldBlock));
+}
+
+#[test]
+fn an_ack_of_unsent_data_is_answered_with_an_ack_and_its_data_dropped() {
+    let (mut r, iss1, h) = established();
+    let out = r.send(&seg(TcpControl::None, 1001, Some(iss1 + 1000), b"data"));
+    assert_eq!(out.len(), 1);
+    assert_eq!((out[0].seq, out[0].ack), (iss1, Some(1001)));
+    let mut buf = [0u8; 8];
+    assert_eq!(r.s.tcp_recv(r.now, h, &mut buf), Err(IoError::WouldBlock));
+    assert_eq!(r.s.tcp_state(h), Some(TcpState::Established));
+}
+
+#[test]
+fn three_duplicate_acks_trigger_a_fast_retransmit() {
+    let (mut r, iss1, h) = established();
+    r.s.tcp_set_nodelay(h, true).unwrap();
+    // The peer sent no MSS option: segments of 536 bytes.
+    let data = vec![7u8; 4 * 536];
+    assert_eq!(r.s.tcp_send(r.now, h, &data).unwrap(), data.len());
+    let out = r.out();
+    assert_eq!(out.len(), 4, "four full segments within the initial window");
+    assert!(out.iter().all(|s| s.payload.len() == 536));
+    // The first is lost: the peer acks the SYN three more times as the others arrive.
+    for _ in 0..2 {
+        assert!(r
+            .send(&seg(TcpControl::None, 1001, Some(iss1), &[]))
+            .is_empty());
+    }
+    let out = r.send(&seg(TcpControl::None, 1001, Some(iss1), &[]));
+    assert_eq!(
+        out.len(),
+        1,
+        "retransmitted at the third duplicate, before any timeout"
+    );
+    assert_eq!((out[0].seq, out[0].payload.len()), (iss1, 536));
+    assert_eq!(r.s.tcp_retransmitted(h), 536);
+}
+
+#[test]
+fn half_closed_we_still_receive_until_the_peer_closes() {
+    let (mut r, iss1, h) = established();
+    r.s.tcp_shutdown(r.now, h);
+    let fin = r.out();
+    assert!(fin.len() == 1 && fin[0].fin);
+    r.send(&seg(TcpControl::None, 1001, Some(iss1 + 1), &[]));
+    assert_eq!(r.s.tcp_state(h), Some(TcpState::FinWait2));
+    r.send(&seg(TcpControl::Psh, 1001, Some(iss1 + 1), b"late"));
+    let mut buf = [0u8; 8];
+    assert_eq!(r.s.tcp_recv(r.now, h, &mut buf), Ok(4));
+    assert_eq!(&buf[..4], b"late");
+    let out = r.send(&seg(TcpControl::Fin, 1005, Some(iss1 + 1), &[]));
+    assert_eq!(out[0].ack, Some(1006));
+    assert_eq!(r.s.tcp_state(h), Some(TcpState::TimeWait));
+    assert_eq!(r.s.tcp_recv(r.now, h, &mut buf), Ok(0), "EOF");
+}
