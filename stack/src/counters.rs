@@ -76,7 +76,16 @@ reasons! {
     TcpBadFlags => "TCP segment with SYN and FIN",
     TcpNoBinding => "TCP SYN for a local address and port nobody listens on (answered with RST)",
     TcpNoConnection => "TCP segment for no connection (answered with RST unless it was one)",
-    TcpListenOverflow => "TCP SYN dropped: listener backlog full",
+    TcpListenOverflow => "TCP SYN dropped: listener accept queue full",
+    TcpOutOfWindow => "TCP segment outside the receive window (answered with an ACK unless RST)",
+    TcpPaws => "TCP segment with a timestamp older than TS.Recent (PAWS, RFC 7323; answered with an ACK)",
+    TcpChallengeAck => "TCP RST or SYN in window but not exact: challenge ACK sent instead (RFC 5961)",
+    TcpChallengeAckLimited => "TCP RST or SYN in window but not exact: challenge ACK over its rate limit",
+    TcpNoAck => "TCP segment without ACK where one is required",
+    TcpBadAck => "TCP handshake ACK for a sequence number we did not send (answered with RST)",
+    TcpAckUnsent => "TCP ACK for data not yet sent (answered with an ACK)",
+    TcpBadCookie => "TCP ACK that is no connection's and no valid SYN cookie (answered with RST)",
+    TcpIcmpStale => "ICMP error about a TCP segment not in flight (RFC 5927), or an MTU not below ours",
     NeighborCacheFull => "packet dropped: neighbour cache full",
     NeighborQueueFull => "packet dropped: too many packets waiting for one neighbour",
     NeighborUnreachable => "packet dropped: next hop did not answer ARP/NDP",
@@ -102,6 +111,12 @@ pub struct Counters {
     pub reassembled: u64,
     /// TCP connections that skipped TIME-WAIT because the limit was reached.
     pub tcp_time_wait_skipped: u64,
+    /// SYN-ACKs sent with a SYN cookie (a listener's SYN queue was full).
+    pub tcp_syncookies_sent: u64,
+    /// Connections created from a valid SYN cookie.
+    pub tcp_syncookies_valid: u64,
+    /// Queued connections handed to a reuseport sibling when their listener closed.
+    pub tcp_handed_over: u64,
     drops: Vec<u64>,
 }
 

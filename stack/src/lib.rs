@@ -34,9 +34,9 @@ use prefix_trie::PrefixMap;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
-    EthernetRepr, Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, Icmpv6DstUnreachable,
-    Icmpv6Packet, Icmpv6Repr, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr,
-    NdiscNeighborFlags, NdiscRepr, UdpPacket, UdpRepr,
+    EthernetRepr, Icmpv4DstUnreachable, Icmpv4Message, Icmpv4Packet, Icmpv4Repr,
+    Icmpv6DstUnreachable, Icmpv6Message, Icmpv6Packet, Icmpv6Repr, IpProtocol, Ipv4Packet,
+    Ipv4Repr, Ipv6Packet, Ipv6Repr, NdiscNeighborFlags, NdiscRepr, UdpPacket, UdpRepr,
 };
 use subnetstack_demux::{
     BindError, BindPolicy, Binding, BindingId, Demux, Flow, HashKey, ListenerId, PortSpec, Protocol,
@@ -614,6 +614,33 @@ impl Stack {
         if !pkt.verify_checksum() {
             return self.drop(DropReason::IcmpMalformed);
         }
+        // Errors quote our packet, usually cut short (RFC 792 asks for 8 bytes past the IP
+        // header; Linux fills 576): read the quote by hand, since the codec insists on the
+        // whole quoted packet.
+        if pkt.msg_type() == Icmpv4Message::DstUnreachable {
+            let d = pkt.data();
+            let ihl = usize::from(d.first().map_or(0, |b| b & 0x0f)) * 4;
+            if d.len() < 20 || d[0] >> 4 != 4 || ihl < 20 || d.len() < ihl + 8 {
+                return self.drop(DropReason::IcmpMalformed);
+            }
+            let quoted_src = Ipv4Addr::new(d[12], d[13], d[14], d[15]);
+            let quoted_dst = Ipv4Addr::new(d[16], d[17], d[18], d[19]);
+            let kind = match Icmpv4DstUnreachable::from(pkt.msg_code()) {
+                Icmpv4DstUnreachable::PortUnreachable => UdpErrorKind::PortUnreachable,
+                Icmpv4DstUnreachable::FragRequired => {
+                    UdpErrorKind::PacketTooBig(u32::from(u16::from_be_bytes([b[6], b[7]])))
+                }
+                r => UdpErrorKind::Unreachable(u8::from(r)),
+            };
+            return self.icmp_error_to_socket(
+                now,
+                quoted_src.into(),
+                quoted_dst.into(),
+                IpProtocol::from(d[9]),
+                &d[ihl..],
+                kind,
+            );
+        }
         match Icmpv4Repr::parse(&pkt, &caps) {
             // Well formed (the checksum holds) but of a type or shape we do not act on.
             Err(_) => self.drop(DropReason::IcmpUnhandled),
@@ -630,27 +657,6 @@ impl Stack {
                 self.send_icmpv4(now, dst, src, &reply);
                 self.counters.echo_replies += 1;
             }
-            Ok(Icmpv4Repr::DstUnreachable {
-                reason,
-                header,
-                data,
-            }) => {
-                let kind = match reason {
-                    Icmpv4DstUnreachable::PortUnreachable => UdpErrorKind::PortUnreachable,
-                    Icmpv4DstUnreachable::FragRequired => {
-                        let mtu = u32::from(u16::from_be_bytes([b[6], b[7]]));
-                        UdpErrorKind::PacketTooBig(mtu)
-                    }
-                    r => UdpErrorKind::Unreachable(u8::from(r)),
-                };
-                self.icmp_error_to_socket(
-                    header.src_addr.into(),
-                    header.dst_addr.into(),
-                    header.next_header,
-                    data,
-                    kind,
-                );
-            }
             Ok(_) => self.drop(DropReason::IcmpUnhandled),
         }
     }
@@ -660,6 +666,38 @@ impl Stack {
             return;
         };
         let caps = CAPS();
+        // Errors quote our packet, cut to fit 1280 bytes: read the quote by hand (see v4).
+        if let Ok(p) = Icmpv6Packet::new_checked(b) {
+            let t = p.msg_type();
+            if t == Icmpv6Message::DstUnreachable || t == Icmpv6Message::PktTooBig {
+                if !p.verify_checksum(&src, &dst) {
+                    return self.drop(DropReason::IcmpMalformed);
+                }
+                let d = &b[8..];
+                if d.len() < 48 || d[0] >> 4 != 6 {
+                    return self.drop(DropReason::IcmpMalformed);
+                }
+                let addr =
+                    |o: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&d[o..o + 16]).expect("16"));
+                let kind = if t == Icmpv6Message::PktTooBig {
+                    UdpErrorKind::PacketTooBig(u32::from_be_bytes([b[4], b[5], b[6], b[7]]))
+                } else if Icmpv6DstUnreachable::from(p.msg_code())
+                    == Icmpv6DstUnreachable::PortUnreachable
+                {
+                    UdpErrorKind::PortUnreachable
+                } else {
+                    UdpErrorKind::Unreachable(p.msg_code())
+                };
+                return self.icmp_error_to_socket(
+                    now,
+                    addr(8).into(),
+                    addr(24).into(),
+                    IpProtocol::from(d[6]),
+                    &d[40..],
+                    kind,
+                );
+            }
+        }
         let repr =
             Icmpv6Packet::new_checked(b).and_then(|p| Icmpv6Repr::parse(&src, &dst, &p, &caps));
         let repr = match repr {
@@ -734,32 +772,6 @@ impl Stack {
                     _ => self.drop(DropReason::IcmpUnhandled),
                 }
             }
-            Icmpv6Repr::DstUnreachable {
-                reason,
-                header,
-                data,
-            } => {
-                let kind = match reason {
-                    Icmpv6DstUnreachable::PortUnreachable => UdpErrorKind::PortUnreachable,
-                    r => UdpErrorKind::Unreachable(u8::from(r)),
-                };
-                self.icmp_error_to_socket(
-                    header.src_addr.into(),
-                    header.dst_addr.into(),
-                    header.next_header,
-                    data,
-                    kind,
-                );
-            }
-            Icmpv6Repr::PktTooBig { mtu, header, data } => {
-                self.icmp_error_to_socket(
-                    header.src_addr.into(),
-                    header.dst_addr.into(),
-                    header.next_header,
-                    data,
-                    UdpErrorKind::PacketTooBig(mtu),
-                );
-            }
             _ => self.drop(DropReason::IcmpUnhandled),
         }
     }
@@ -767,12 +779,16 @@ impl Stack {
     /// Hands an ICMP error about a datagram we sent (`local` -> `remote`) to its socket.
     fn icmp_error_to_socket(
         &mut self,
+        now: Duration,
         local: IpAddr,
         remote: IpAddr,
         proto: IpProtocol,
         data: &[u8],
         kind: UdpErrorKind,
     ) {
+        if proto == IpProtocol::Tcp && data.len() >= 8 && self.is_local(local) {
+            return self.tcp_icmp(now, local, remote, data, kind);
+        }
         if proto != IpProtocol::Udp || data.len() < 8 || !self.is_local(local) {
             return self.drop(DropReason::IcmpUnhandled);
         }

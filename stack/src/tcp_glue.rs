@@ -15,7 +15,7 @@ use subnetstack_ifaces::{Csum, FrameMeta};
 use crate::tcp::conn::{Conn, Keepalive, SegIn, SegOut, State, TcpConfig, TcpError};
 use crate::tcp::seq::Seq;
 use crate::tcp::wheel::TimerWheel;
-use crate::{DropReason, IpL4, Stack};
+use crate::{DropReason, IpL4, Stack, UdpErrorKind};
 
 /// A TCP listener of a stack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -145,13 +145,16 @@ fn seg_in<'a>(r: &TcpRepr<'a>) -> SegIn<'a> {
         mss: r.max_seg_size,
         wscale: r.window_scale,
         ts: r.timestamp.map(|t| (t.tsval, t.tsecr)),
+        sack_permitted: r.sack_permitted,
+        sack: r.sack_ranges.map(|b| b.map(|(l, r)| (Seq(l), Seq(r)))),
         payload: r.payload,
     }
 }
 
 /// Writes a segment's options as Linux lays them out, so that captures read the same to people
-/// and tools: on a SYN `mss, nop, nop, timestamps, nop, wscale`; on other segments
-/// `nop, nop, timestamps`. Returns their length (a multiple of 4).
+/// and tools: on a SYN `mss, sackOK, timestamps, nop, wscale` (`nop, nop` in place of an absent
+/// sackOK or timestamps' partner); on other segments `nop, nop, timestamps, nop, nop, sack`.
+/// Returns their length (a multiple of 4, at most 40: three SACK blocks with timestamps).
 fn tcp_options(seg: &SegOut, out: &mut [u8; 40]) -> usize {
     let mut n = 0;
     let mut put = |b: &[u8]| {
@@ -162,13 +165,29 @@ fn tcp_options(seg: &SegOut, out: &mut [u8; 40]) -> usize {
         put(&[2, 4]);
         put(&m.to_be_bytes());
     }
-    if let Some((val, ecr)) = seg.ts {
-        put(&[1, 1, 8, 10]);
-        put(&val.to_be_bytes());
-        put(&ecr.to_be_bytes());
+    match (seg.ts, seg.sack_permitted) {
+        (Some((val, ecr)), sack_ok) => {
+            put(if sack_ok {
+                &[4, 2, 8, 10]
+            } else {
+                &[1, 1, 8, 10]
+            });
+            put(&val.to_be_bytes());
+            put(&ecr.to_be_bytes());
+        }
+        (None, true) => put(&[1, 1, 4, 2]),
+        (None, false) => {}
     }
     if let Some(w) = seg.wscale {
         put(&[1, 3, 3, w]);
+    }
+    let blocks = seg.sack.iter().flatten().count();
+    if blocks > 0 {
+        put(&[1, 1, 5, (2 + 8 * blocks) as u8]);
+        for &(l, r) in seg.sack.iter().flatten() {
+            put(&l.0.to_be_bytes());
+            put(&r.0.to_be_bytes());
+        }
     }
     n
 }
@@ -332,7 +351,9 @@ impl Stack {
         if let Some(&idx) = self.tcp.table.get(&(local, remote)) {
             let mut out = std::mem::take(&mut self.tcp.out);
             if let Some(Some(s)) = self.tcp.socks.get_mut(idx as usize) {
-                s.conn.on_segment(now, &seg, &mut out);
+                if let Some(r) = s.conn.on_segment(now, &seg, &mut out) {
+                    self.counters.drop(r);
+                }
             }
             for r in out.drain(..) {
                 self.send_seg(now, local, remote, &r, None);
@@ -372,6 +393,46 @@ impl Stack {
             }
         };
         self.send_seg(now, local, remote, &rst, None);
+    }
+
+    /// An ICMP error quoting a TCP segment we sent (`data` starts at its TCP header).
+    pub(crate) fn tcp_icmp(
+        &mut self,
+        now: Duration,
+        local: IpAddr,
+        remote: IpAddr,
+        data: &[u8],
+        kind: UdpErrorKind,
+    ) {
+        let lport = u16::from_be_bytes([data[0], data[1]]);
+        let rport = u16::from_be_bytes([data[2], data[3]]);
+        let seq = Seq(u32::from_be_bytes([data[4], data[5], data[6], data[7]]));
+        let key = (
+            SocketAddr::new(local, lport),
+            SocketAddr::new(remote, rport),
+        );
+        let Some(&idx) = self.tcp.table.get(&key) else {
+            return self.drop(DropReason::TcpIcmpStale);
+        };
+        let v6 = local.is_ipv6();
+        let (mss, port) = match kind {
+            UdpErrorKind::PacketTooBig(mtu) => {
+                // Below the protocol minimum is a forgery or a broken router: clamp (Linux's
+                // min_pmtu is 552 for IPv4; IPv6 links carry 1280).
+                let floor = if v6 { 1280 } else { 552 };
+                let mtu = mtu.clamp(floor, self.cfg.mtu as u32);
+                (Some((mtu - if v6 { 60 } else { 40 }) as u16), false)
+            }
+            UdpErrorKind::PortUnreachable => (None, true),
+            UdpErrorKind::Unreachable(_) => (None, false),
+        };
+        let Some(Some(s)) = self.tcp.socks.get_mut(idx as usize) else {
+            return;
+        };
+        if let Some(r) = s.conn.on_icmp(now, seq, mss, port) {
+            self.counters.drop(r);
+        }
+        self.tcp_after(now, idx);
     }
 
     fn tcp_syn(

@@ -767,3 +767,296 @@ fn half_closed_we_still_receive_until_the_peer_closes() {
     assert_eq!(r.s.tcp_state(h), Some(TcpState::TimeWait));
     assert_eq!(r.s.tcp_recv(r.now, h, &mut buf), Ok(0), "EOF");
 }
+
+/// Like [`established`], with the peer's SYN given (to negotiate options).
+fn established_with(syn: TcpRepr) -> (Rig, i32, TcpHandle) {
+    let mut r = Rig::new();
+    let l = r.listen(8);
+    let out = r.send(&syn);
+    assert_eq!(out.len(), 1);
+    let iss = out[0].seq;
+    let ack = TcpRepr {
+        timestamp: syn
+            .timestamp
+            .map(|t| TcpTimestampRepr::new(t.tsval + 1, out[0].ts.map_or(0, |t| t.0))),
+        ..seg(TcpControl::None, 1001, Some(iss + 1), &[])
+    };
+    assert!(r.send(&ack).is_empty());
+    let (h, _, _) = r.s.tcp_accept(l).expect("accepted");
+    (r, iss + 1, h)
+}
+
+fn sack_syn() -> TcpRepr<'static> {
+    TcpRepr {
+        sack_permitted: true,
+        ..seg(TcpControl::Syn, 1000, None, &[])
+    }
+}
+
+#[test]
+fn sack_permitted_is_answered_and_laid_out_as_linux_does() {
+    let mut r = Rig::new();
+    r.listen(8);
+    let syn = TcpRepr {
+        max_seg_size: Some(1460),
+        window_scale: Some(7),
+        timestamp: Some(TcpTimestampRepr::new(1, 0)),
+        sack_permitted: true,
+        ..seg(TcpControl::Syn, 1000, None, &[])
+    };
+    let s = &r.send(&syn)[0];
+    assert!(s.sack_permitted);
+    assert_eq!(
+        &s.options[4..8],
+        &[4, 2, 8, 10],
+        "sackOK packed before timestamps"
+    );
+    // Without timestamps: nop, nop, sackOK.
+    let mut r = Rig::new();
+    r.listen(8);
+    let s = &r.send(&sack_syn())[0];
+    assert_eq!(&s.options[4..8], &[1, 1, 4, 2]);
+    // Not offered, not answered.
+    let mut r = Rig::new();
+    r.listen(8);
+    assert!(!r.send(&seg(TcpControl::Syn, 1000, None, &[]))[0].sack_permitted);
+}
+
+#[test]
+fn out_of_order_data_is_reported_in_sack_blocks_latest_first_and_duplicates_as_dsack() {
+    let (mut r, iss1, _h) = established_with(sack_syn());
+    let out = r.send(&seg(TcpControl::None, 1006, Some(iss1), b"world"));
+    assert_eq!(out[0].ack, Some(1001));
+    assert_eq!(out[0].sack, vec![(1006, 1011)]);
+    let out = r.send(&seg(TcpControl::None, 1021, Some(iss1), b"xx"));
+    assert_eq!(
+        out[0].sack,
+        vec![(1021, 1023), (1006, 1011)],
+        "latest block first"
+    );
+    // The hole before 1006 fills; a retransmission of it comes again: D-SACK first.
+    let out = r.send(&seg(TcpControl::None, 1001, Some(iss1), b"hello"));
+    assert_eq!(out[0].ack, Some(1011));
+    assert_eq!(out[0].sack, vec![(1021, 1023)]);
+    let out = r.send(&seg(TcpControl::None, 1001, Some(iss1), b"hello"));
+    assert_eq!(out[0].ack, Some(1011));
+    assert_eq!(
+        out[0].sack,
+        vec![(1001, 1006), (1021, 1023)],
+        "D-SACK, then the block"
+    );
+    // Reported once.
+    let out = r.send(&seg(TcpControl::None, 1011, Some(iss1), b"0123456789"));
+    assert_eq!(out[0].ack, Some(1023));
+    assert!(out[0].sack.is_empty());
+}
+
+#[test]
+fn sack_recovery_retransmits_only_the_holes() {
+    let (mut r, iss1, h) = established_with(sack_syn());
+    r.s.tcp_set_nodelay(h, true).unwrap();
+    // Eight segments of 536 bytes (no MSS option from the peer).
+    let m = 536;
+    r.s.tcp_send(r.now, h, &vec![1u8; 8 * m as usize]).unwrap();
+    assert_eq!(r.out().len(), 8);
+    let at = |k: i32| iss1 + k * m;
+    let sacked = |blocks: [Option<(u32, u32)>; 3]| TcpRepr {
+        sack_ranges: blocks,
+        ..seg(TcpControl::None, 1001, Some(iss1), &[])
+    };
+    // Segment 1 arrives; then 3-6. Segments 0, 2 and 7 are missing.
+    let b1 = Some((at(1) as u32, at(2) as u32));
+    let b2 = Some((at(3) as u32, at(7) as u32));
+    assert!(r.send(&sacked([b1, None, None])).is_empty());
+    // Five segments SACKed above segment 0 and four above segment 2: both are lost (RFC 6675
+    // IsLost), and recovery starts before the third duplicate ACK.
+    let out = r.send(&sacked([b2, b1, None]));
+    let resent: Vec<(i32, usize)> = out.iter().map(|s| (s.seq, s.payload.len())).collect();
+    assert_eq!(
+        resent,
+        vec![(at(0), 536), (at(2), 536)],
+        "the holes, nothing SACKed"
+    );
+    assert_eq!(r.s.tcp_retransmitted(h), 2 * 536);
+    // The holes are acknowledged: segment 7 is all that is left, and it is not resent at once
+    // (it is not lost: nothing is SACKed above it).
+    let out = r.send(&seg(TcpControl::None, 1001, Some(at(7)), &[]));
+    assert!(out.iter().all(|s| s.seq != at(7)), "{out:?}");
+    assert_eq!(r.s.tcp_retransmitted(h), 2 * 536);
+}
+
+#[test]
+fn paws_drops_a_segment_with_an_old_timestamp() {
+    let syn = TcpRepr {
+        timestamp: Some(TcpTimestampRepr::new(100, 0)),
+        ..seg(TcpControl::Syn, 1000, None, &[])
+    };
+    let (mut r, iss1, h) = established_with(syn);
+    let with_ts = |tsval: u32, seq: i32, data: &'static [u8]| TcpRepr {
+        timestamp: Some(TcpTimestampRepr::new(tsval, 0)),
+        ..seg(TcpControl::Psh, seq, Some(iss1), data)
+    };
+    r.send(&with_ts(200, 1001, b"new"));
+    // An old duplicate from a previous incarnation: its timestamp is older.
+    let out = r.send(&with_ts(150, 1004, b"old"));
+    assert_eq!(out.len(), 1, "answered with an ACK (RFC 7323 5.3)");
+    assert_eq!(out[0].ack, Some(1004));
+    assert_eq!(r.s.counters().dropped(DropReason::TcpPaws), 1);
+    let mut buf = [0u8; 16];
+    assert_eq!(r.s.tcp_recv(r.now, h, &mut buf), Ok(3));
+    assert_eq!(&buf[..3], b"new");
+    // The same bytes with a current timestamp are taken.
+    r.send(&with_ts(201, 1004, b"cur"));
+    assert_eq!(r.s.tcp_recv(r.now, h, &mut buf), Ok(3));
+    assert_eq!(&buf[..3], b"cur");
+}
+
+#[test]
+fn challenge_acks_are_rate_limited_per_connection() {
+    let (mut r, _, h) = established();
+    let mut challenges = 0;
+    for k in 0..25 {
+        challenges += r.send(&seg(TcpControl::Rst, 1500 + k, None, &[])).len();
+    }
+    assert_eq!(challenges, 10, "ten a second by default");
+    assert_eq!(r.s.counters().dropped(DropReason::TcpChallengeAck), 10);
+    assert_eq!(
+        r.s.counters().dropped(DropReason::TcpChallengeAckLimited),
+        15
+    );
+    assert_eq!(r.s.tcp_state(h), Some(TcpState::Established));
+    r.advance(Duration::from_secs(1));
+    assert_eq!(
+        r.send(&seg(TcpControl::Syn, 1001, None, &[])).len(),
+        1,
+        "budget refilled"
+    );
+}
+
+#[test]
+fn packet_too_big_lowers_the_mss_and_resends_at_once() {
+    use smoltcp::wire::Icmpv4DstUnreachable;
+    let syn = TcpRepr {
+        max_seg_size: Some(1460),
+        ..seg(TcpControl::Syn, 1000, None, &[])
+    };
+    let (mut r, iss1, h) = established_with(syn);
+    r.s.tcp_set_nodelay(h, true).unwrap();
+    r.s.tcp_send(r.now, h, &vec![3u8; 2920]).unwrap();
+    let mut b = Batch::new(8, 2048);
+    r.s.poll_transmit(&mut b);
+    assert_eq!(b.len(), 2);
+    let first = b.frames()[0].data().to_vec();
+    let router = Ipv4Addr::new(198, 19, 255, 254);
+    let icmp = |mtu| {
+        icmpv4_unreachable(
+            P_MAC,
+            S_MAC,
+            router,
+            &first,
+            Icmpv4DstUnreachable::FragRequired,
+            mtu,
+        )
+    };
+    r.s.handle_frame(r.now, &icmp(1000), FrameMeta::default());
+    let out = r.out();
+    assert!(!out.is_empty());
+    assert!(
+        out.iter().all(|s| s.payload.len() <= 960),
+        "{:?}",
+        out.iter().map(|s| s.payload.len()).collect::<Vec<_>>()
+    );
+    assert_eq!(out[0].seq, iss1, "resent from SND.UNA at the new size");
+    let resent: usize = out.iter().map(|s| s.payload.len()).sum();
+    assert_eq!(resent, 2920);
+    // A larger MTU, or a forged one for data not in flight, changes nothing.
+    r.s.handle_frame(r.now, &icmp(1400), FrameMeta::default());
+    assert!(r.out().is_empty());
+    assert_eq!(r.s.counters().dropped(DropReason::TcpIcmpStale), 1);
+}
+
+#[test]
+fn unreachable_in_syn_sent_fails_the_connect_and_later_is_reported_on_timeout() {
+    use smoltcp::wire::Icmpv4DstUnreachable;
+    let router = Ipv4Addr::new(198, 19, 255, 254);
+    let mut r = Rig::new();
+    let h =
+        r.s.tcp_connect(
+            r.now,
+            "198.18.1.7:5555".parse().unwrap(),
+            "198.19.255.1:40000".parse().unwrap(),
+        )
+        .unwrap();
+    let mut b = Batch::new(4, 2048);
+    r.s.poll_transmit(&mut b);
+    let syn = b.frames()[0].data().to_vec();
+    let f = icmpv4_unreachable(
+        P_MAC,
+        S_MAC,
+        router,
+        &syn,
+        Icmpv4DstUnreachable::HostUnreachable,
+        0,
+    );
+    r.s.handle_frame(r.now, &f, FrameMeta::default());
+    assert_eq!(
+        r.s.tcp_state(h),
+        Some(TcpState::Closed),
+        "{}",
+        r.s.counters()
+    );
+    assert_eq!(
+        r.s.tcp_error(h),
+        Some(subnetstack_stack::TcpError::Unreachable)
+    );
+    // Port unreachable reads as refused.
+    let h2 =
+        r.s.tcp_connect(
+            r.now,
+            "198.18.1.7:5556".parse().unwrap(),
+            "198.19.255.1:40000".parse().unwrap(),
+        )
+        .unwrap();
+    b.clear();
+    r.s.poll_transmit(&mut b);
+    let syn = b.frames()[0].data().to_vec();
+    let f = icmpv4_unreachable(
+        P_MAC,
+        S_MAC,
+        router,
+        &syn,
+        Icmpv4DstUnreachable::PortUnreachable,
+        0,
+    );
+    r.s.handle_frame(r.now, &f, FrameMeta::default());
+    assert_eq!(
+        r.s.tcp_error(h2),
+        Some(subnetstack_stack::TcpError::Refused)
+    );
+    // Established: a soft error, which names the failure if the connection then times out.
+    let (mut r, _, h) = established();
+    r.s.tcp_send(r.now, h, b"anyone?").unwrap();
+    let mut b = Batch::new(4, 2048);
+    r.s.poll_transmit(&mut b);
+    let data = b.frames()[0].data().to_vec();
+    let f = icmpv4_unreachable(
+        P_MAC,
+        S_MAC,
+        router,
+        &data,
+        Icmpv4DstUnreachable::HostUnreachable,
+        0,
+    );
+    r.s.handle_frame(r.now, &f, FrameMeta::default());
+    assert_eq!(r.s.tcp_state(h), Some(TcpState::Established));
+    for _ in 0..20_000 {
+        r.advance(Duration::from_millis(100));
+        if r.s.tcp_error(h).is_some() {
+            break;
+        }
+    }
+    assert_eq!(
+        r.s.tcp_error(h),
+        Some(subnetstack_stack::TcpError::Unreachable)
+    );
+}

@@ -144,6 +144,11 @@ pub struct Seg {
     pub mss: Option<u16>,
     pub wscale: Option<u8>,
     pub ts: Option<(u32, u32)>,
+    pub sack_permitted: bool,
+    /// SACK blocks `(left, right)` in order.
+    pub sack: Vec<(u32, u32)>,
+    /// Raw option bytes (for layout checks).
+    pub options: Vec<u8>,
     pub payload: Vec<u8>,
     pub peer_mac: Mac,
     pub ttl: u8,
@@ -179,6 +184,12 @@ pub fn tcp4(frame: &[u8]) -> Option<Seg> {
         ts: r
             .as_ref()
             .and_then(|r| r.timestamp.map(|t| (t.tsval, t.tsecr))),
+        sack_permitted: r.as_ref().is_some_and(|r| r.sack_permitted),
+        sack: r
+            .as_ref()
+            .map(|r| r.sack_ranges.iter().flatten().copied().collect())
+            .unwrap_or_default(),
+        options: p.options().to_vec(),
         payload: p.payload().to_vec(),
         peer_mac,
         ttl: ip.hop_limit,
@@ -551,4 +562,43 @@ pub fn fuzz_frames(data: &[u8], dst_mac: Mac, mut feed: impl FnMut(&[u8])) {
         }
         feed(&f);
     }
+}
+
+/// An ICMPv4 destination-unreachable frame from `from` (towards the source of `quoted`, a frame
+/// the stack sent) quoting its IP header and the first bytes of its payload; `mtu` goes into
+/// the next-hop MTU field (used with fragmentation needed).
+pub fn icmpv4_unreachable(
+    src_mac: Mac,
+    dst_mac: Mac,
+    from: Ipv4Addr,
+    quoted: &[u8],
+    reason: smoltcp::wire::Icmpv4DstUnreachable,
+    mtu: u16,
+) -> Vec<u8> {
+    let (ip, l4, _) = ipv4(quoted).expect("an IPv4 frame");
+    let data = &l4[..l4.len().min(8)];
+    let err = Icmpv4Repr::DstUnreachable {
+        reason,
+        header: ip,
+        data,
+    };
+    eth_ipv4(
+        src_mac,
+        dst_mac,
+        Ipv4Repr {
+            src_addr: from,
+            dst_addr: ip.src_addr,
+            next_header: IpProtocol::Icmp,
+            payload_len: err.buffer_len(),
+            hop_limit: 64,
+        },
+        |b| {
+            err.emit(
+                &mut Icmpv4Packet::new_unchecked(&mut *b),
+                &Default::default(),
+            );
+            b[6..8].copy_from_slice(&mtu.to_be_bytes());
+            Icmpv4Packet::new_unchecked(b).fill_checksum();
+        },
+    )
 }

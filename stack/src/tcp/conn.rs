@@ -1,12 +1,27 @@
-//! One TCP connection: the RFC 9293 state machine with RFC 7323 window scaling and timestamps,
-//! RFC 6298 retransmission timing, RFC 5681/6582 NewReno congestion control, delayed ACKs, Nagle
-//! and zero-window probes. Sans-IO: segments in, segment descriptors out, deadlines.
+//! One TCP connection: the RFC 9293 state machine with RFC 7323 window scaling, timestamps and
+//! PAWS, RFC 6298 retransmission timing, SACK (RFC 2018, 2883) with RFC 6675 loss recovery,
+//! NewReno (RFC 5681/6582) or CUBIC (RFC 9438), RFC 5961 challenge ACKs, path MTU changes from
+//! ICMP, delayed ACKs, Nagle and zero-window probes. Sans-IO: segments in, segment descriptors
+//! out, deadlines.
 
 use std::time::Duration;
 
 use super::buffer::{RecvBuffer, SendBuffer};
+use super::cc::{Congestion, Controller};
 use super::rtt::RttEstimator;
 use super::seq::Seq;
+use crate::DropReason;
+
+/// What became of a received segment: `None` when it was used, otherwise why it was dropped
+/// (the connection may still have queued an ACK or a challenge ACK in answer).
+pub type Verdict = Option<DropReason>;
+
+/// Most SACKed ranges the sender remembers; more are forgotten (their data is resent).
+const MAX_SACKED: usize = 32;
+/// Duplicate-ACK threshold (RFC 5681, RFC 6675 DupThresh).
+const DUP_THRESH: u32 = 3;
+/// TS.Recent older than this is not used for PAWS (RFC 7323 5.5: 24 days).
+const PAWS_IDLE: Duration = Duration::from_secs(24 * 24 * 3600);
 
 /// Connection states (RFC 9293 §3.3.2; LISTEN lives in the stack's listeners).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,6 +59,9 @@ pub enum TcpError {
     TimedOut,
     /// The application aborted.
     Aborted,
+    /// An ICMP destination unreachable (other than port unreachable) answered our SYN, or
+    /// arrived before the connection timed out (`EHOSTUNREACH`).
+    Unreachable,
 }
 
 impl std::fmt::Display for TcpError {
@@ -53,6 +71,7 @@ impl std::fmt::Display for TcpError {
             TcpError::Reset => "connection reset by peer",
             TcpError::TimedOut => "connection timed out",
             TcpError::Aborted => "connection aborted",
+            TcpError::Unreachable => "destination unreachable",
         })
     }
 }
@@ -82,6 +101,14 @@ pub struct TcpConfig {
     pub keepalive: Option<Keepalive>,
     /// Most connections in TIME-WAIT per stack; past it a closing connection skips TIME-WAIT.
     pub max_time_wait: usize,
+    /// Offer and use selective acknowledgements (RFC 2018, RFC 6675).
+    pub sack: bool,
+    /// Congestion controller of new connections.
+    pub congestion: Congestion,
+    /// Challenge ACKs (RFC 5961) a connection sends per second at most; more are suppressed
+    /// (counted). Per connection rather than per host, so that the limit leaks nothing about
+    /// other connections (CVE-2016-5696).
+    pub challenge_acks_per_sec: u32,
 }
 
 /// Keepalive settings (RFC 1122 4.2.3.6).
@@ -118,6 +145,9 @@ impl Default for TcpConfig {
             timestamps: true,
             keepalive: None,
             max_time_wait: 16384,
+            sack: true,
+            congestion: Congestion::default(),
+            challenge_acks_per_sec: 10,
         }
     }
 }
@@ -143,6 +173,10 @@ pub struct SegIn<'a> {
     pub wscale: Option<u8>,
     /// Timestamps option `(tsval, tsecr)`.
     pub ts: Option<(u32, u32)>,
+    /// SACK-permitted option (SYN only).
+    pub sack_permitted: bool,
+    /// SACK blocks `[left, right)`.
+    pub sack: [Option<(Seq, Seq)>; 3],
     /// Payload.
     pub payload: &'a [u8],
 }
@@ -171,6 +205,10 @@ pub struct SegOut {
     pub wscale: Option<u8>,
     /// Timestamps option.
     pub ts: Option<(u32, u32)>,
+    /// SACK-permitted option (SYN only).
+    pub sack_permitted: bool,
+    /// SACK blocks (D-SACK first when there is one).
+    pub sack: [Option<(Seq, Seq)>; 3],
     /// Payload offset from SND.UNA in the send buffer.
     pub off: usize,
     /// Payload length.
@@ -214,7 +252,24 @@ pub struct Conn {
     mss: u16,
     ts_ok: bool,
     ts_recent: u32,
+    /// When TS.Recent was last updated (PAWS ignores an older one, RFC 7323 5.5).
+    ts_recent_at: Duration,
     ts_offset: u32,
+    // SACK.
+    sack_ok: bool,
+    /// Sender's scoreboard: SACKed ranges above SND.UNA, sorted and disjoint.
+    sacked: Vec<(Seq, Seq)>,
+    /// Next byte a SACK recovery may retransmit (RFC 6675 HighRxt).
+    rxt_next: Seq,
+    /// Receiver: a duplicate range to report once as D-SACK (RFC 2883).
+    dsack: Option<(Seq, Seq)>,
+    /// Receiver: the start of the latest out-of-order segment (its block goes first).
+    last_ooo: Option<Seq>,
+    // RFC 5961 challenge ACK budget.
+    challenge_tokens: u32,
+    challenge_refill: Duration,
+    /// The latest ICMP error while established (reported instead of a plain time-out).
+    soft_error: Option<TcpError>,
     // Timers and estimation.
     rtt: RttEstimator,
     timed: Option<(Seq, Duration)>,
@@ -223,7 +278,10 @@ pub struct Conn {
     ack_at: Option<Duration>,
     persist_at: Option<Duration>,
     time_wait_at: Option<Duration>,
-    // Congestion control (NewReno).
+    /// When the retransmission timer last fired (for Karn's rule with timestamps).
+    rto_fired_at: Option<Duration>,
+    // Congestion control.
+    cc: Controller,
     cwnd: u32,
     ssthresh: u32,
     dupacks: u32,
@@ -243,6 +301,10 @@ pub struct Conn {
     error: Option<TcpError>,
     /// Bytes retransmitted (for tests and stats).
     pub retransmitted: u64,
+    /// Challenge ACKs not sent because of the rate limit.
+    pub challenges_suppressed: u64,
+    /// D-SACK blocks received (duplicates the peer reported; not counted as SACKed).
+    pub dsacks_received: u64,
 }
 
 fn ms(d: Duration) -> u32 {
@@ -278,7 +340,17 @@ impl Conn {
             mss: local_mss,
             ts_ok: false,
             ts_recent: 0,
+            ts_recent_at: Duration::ZERO,
             ts_offset: iss.0.rotate_left(13),
+            sack_ok: false,
+            sacked: Vec::new(),
+            rxt_next: iss,
+            dsack: None,
+            last_ooo: None,
+            challenge_tokens: cfg.challenge_acks_per_sec,
+            challenge_refill: Duration::ZERO,
+            soft_error: None,
+            cc: Controller::new(cfg.congestion),
             rtt: RttEstimator::default(),
             timed: None,
             retries: 0,
@@ -286,6 +358,7 @@ impl Conn {
             ack_at: None,
             persist_at: None,
             time_wait_at: None,
+            rto_fired_at: None,
             cwnd: INITIAL_WINDOW * u32::from(local_mss),
             ssthresh: u32::MAX,
             dupacks: 0,
@@ -301,6 +374,8 @@ impl Conn {
             ipv6: false,
             error: None,
             retransmitted: 0,
+            challenges_suppressed: 0,
+            dsacks_received: 0,
             cfg,
         }
     }
@@ -326,14 +401,34 @@ impl Conn {
         c.ipv6 = ipv6;
         c.irs = syn.seq;
         c.rcv_nxt = syn.seq + 1;
-        c.take_syn_options(syn);
+        c.take_syn_options(syn, now);
         c.snd_wnd = u32::from(syn.window);
         c.snd_wl1 = syn.seq;
-        let _ = now;
         c
     }
 
-    fn take_syn_options(&mut self, syn: &SegIn) {
+    /// Passive open from a valid SYN cookie: the SYN-ACK (sequence number `iss`, the cookie) is
+    /// already out and acknowledged by `ack`; `syn` holds what the cookie recorded of the SYN
+    /// (sequence number, MSS, window scale, SACK-permitted, timestamps). The connection is in
+    /// SYN-RECEIVED; feed it `ack` with [`on_segment`](Self::on_segment) to establish it.
+    pub fn from_cookie(
+        cfg: TcpConfig,
+        local_mss: u16,
+        ipv6: bool,
+        iss: Seq,
+        syn: &SegIn,
+        now: Duration,
+    ) -> Conn {
+        let mut c = Conn::accept(cfg, local_mss, ipv6, iss, syn, now);
+        c.syn_sent_once = true;
+        c.snd_nxt = iss + 1;
+        c.snd_max = iss + 1;
+        // The cookie's SYN-ACK gave no RTT sample: the first one comes with data.
+        c.timed = None;
+        c
+    }
+
+    fn take_syn_options(&mut self, syn: &SegIn, now: Duration) {
         // Without an MSS option: 536 for IPv4, 1220 for IPv6 (RFC 9293 3.7.1, RFC 8200 5).
         let default = if self.ipv6 { 1220 } else { 536 };
         let peer_mss = syn.mss.unwrap_or(default);
@@ -348,7 +443,9 @@ impl Conn {
         if let (true, Some((tsval, _))) = (self.cfg.timestamps, syn.ts) {
             self.ts_ok = true;
             self.ts_recent = tsval;
+            self.ts_recent_at = now;
         }
+        self.sack_ok = self.cfg.sack && syn.sack_permitted;
         self.cwnd = INITIAL_WINDOW * u32::from(self.payload_mss());
     }
 
@@ -359,6 +456,14 @@ impl Conn {
         } else {
             self.mss
         }
+    }
+
+    /// Payload bytes a segment may carry now: the MSS less timestamps and the SACK blocks it
+    /// will carry, so that no segment outgrows the MTU.
+    fn seg_limit(&self) -> u32 {
+        let blocks = self.sack_blocks().iter().flatten().count() as u32;
+        let sack = if blocks > 0 { 4 + 8 * blocks } else { 0 };
+        u32::from(self.payload_mss()) - sack
     }
 
     /// A one-line summary of the connection's variables, for diagnostics.
@@ -525,13 +630,24 @@ impl Conn {
     }
 
     /// Processes a segment (RFC 9293 §3.10.7). Segments to send are produced by
-    /// [`poll_transmit`](Self::poll_transmit); an immediate reply (RST, challenge ACK) goes to `out`.
-    pub fn on_segment(&mut self, now: Duration, seg: &SegIn, out: &mut Vec<SegOut>) {
+    /// [`poll_transmit`](Self::poll_transmit); an immediate reply (RST) goes to `out`. Returns why
+    /// the segment was dropped, if it was.
+    pub fn on_segment(&mut self, now: Duration, seg: &SegIn, out: &mut Vec<SegOut>) -> Verdict {
         if self.state == State::SynSent {
             return self.on_segment_syn_sent(now, seg, out);
         }
         if self.state == State::Closed {
-            return;
+            return Some(DropReason::TcpNoConnection);
+        }
+        // PAWS (RFC 7323 5.3): an older timestamp than TS.Recent marks an old duplicate. RSTs
+        // are exempt (they may carry none, and RFC 5961 checks them).
+        if let (true, false, Some((tsval, _))) = (self.ts_ok, seg.rst, seg.ts) {
+            if (tsval.wrapping_sub(self.ts_recent) as i32) < 0
+                && now.saturating_sub(self.ts_recent_at) < PAWS_IDLE
+            {
+                self.ack_now = true;
+                return Some(DropReason::TcpPaws);
+            }
         }
         let len = seg.payload.len() as u32 + u32::from(seg.syn) + u32::from(seg.fin);
         let wnd = self.recv.window() as u32;
@@ -546,13 +662,19 @@ impl Conn {
             }
         };
         if !acceptable {
-            if !seg.rst {
-                self.ack_now = true;
+            if seg.rst {
+                return Some(DropReason::TcpOutOfWindow);
             }
+            self.ack_now = true;
             if self.state == State::TimeWait && seg.fin {
                 self.time_wait_at = Some(now + self.cfg.time_wait);
             }
-            return;
+            // A retransmission of data we have: report it as a D-SACK (RFC 2883).
+            if self.sack_ok && !seg.payload.is_empty() && seg.seq < self.rcv_nxt {
+                let end = (seg.seq + seg.payload.len() as u32).min(self.rcv_nxt);
+                self.dsack = Some((seg.seq, end));
+            }
+            return Some(DropReason::TcpOutOfWindow);
         }
         // Anything acceptable from the peer shows it is alive.
         self.keepalive_probes = 0;
@@ -560,8 +682,7 @@ impl Conn {
         // 2. RST (RFC 5961 3.2: only an exact match resets; otherwise challenge).
         if seg.rst {
             if seg.seq != self.rcv_nxt {
-                self.ack_now = true;
-                return;
+                return Some(self.challenge(now));
             }
             self.error = match self.state {
                 State::SynReceived => Some(TcpError::Refused),
@@ -569,21 +690,23 @@ impl Conn {
                 _ => Some(TcpError::Reset),
             };
             self.state = State::Closed;
-            return;
+            return None;
         }
         // 4. SYN in a synchronized state (RFC 5961 4.2): challenge ACK.
         if seg.syn {
-            self.ack_now = true;
-            return;
+            return Some(self.challenge(now));
         }
         // Timestamps: remember the latest in-order TSval (RFC 7323 4.3).
         if let (true, Some((tsval, _))) = (self.ts_ok, seg.ts) {
-            if seg.seq <= self.rcv_nxt {
+            if seg.seq <= self.rcv_nxt && (tsval.wrapping_sub(self.ts_recent) as i32) >= 0 {
                 self.ts_recent = tsval;
+                self.ts_recent_at = now;
             }
         }
         // 5. ACK.
-        let Some(ack) = seg.ack else { return };
+        let Some(ack) = seg.ack else {
+            return Some(DropReason::TcpNoAck);
+        };
         if self.state == State::SynReceived {
             if self.snd_una < ack && ack <= self.snd_nxt {
                 self.state = State::Established;
@@ -596,16 +719,16 @@ impl Conn {
                     rst: true,
                     ..Default::default()
                 });
-                return;
+                return Some(DropReason::TcpBadAck);
             }
         }
         if ack > self.snd_max {
             self.ack_now = true;
-            return;
+            return Some(DropReason::TcpAckUnsent);
         }
         self.process_ack(now, seg, ack);
         if self.state == State::Closed {
-            return;
+            return None;
         }
         // 7. Text.
         if !seg.payload.is_empty()
@@ -636,9 +759,32 @@ impl Conn {
                 self.time_wait_at = Some(now + self.cfg.time_wait);
             }
         }
+        None
     }
 
-    fn on_segment_syn_sent(&mut self, now: Duration, seg: &SegIn, out: &mut Vec<SegOut>) {
+    /// Answers an in-window RST or a SYN with a challenge ACK (RFC 5961 3.2, 4.2), within the
+    /// per-connection budget (RFC 5961 7).
+    fn challenge(&mut self, now: Duration) -> DropReason {
+        let rate = self.cfg.challenge_acks_per_sec;
+        if now >= self.challenge_refill {
+            self.challenge_tokens = rate;
+            self.challenge_refill = now + Duration::from_secs(1);
+        }
+        if self.challenge_tokens == 0 {
+            self.challenges_suppressed += 1;
+            return DropReason::TcpChallengeAckLimited;
+        }
+        self.challenge_tokens -= 1;
+        self.ack_now = true;
+        DropReason::TcpChallengeAck
+    }
+
+    fn on_segment_syn_sent(
+        &mut self,
+        now: Duration,
+        seg: &SegIn,
+        out: &mut Vec<SegOut>,
+    ) -> Verdict {
         if let Some(ack) = seg.ack {
             if ack <= self.iss || ack > self.snd_nxt {
                 if !seg.rst {
@@ -648,36 +794,36 @@ impl Conn {
                         ..Default::default()
                     });
                 }
-                return;
+                return Some(DropReason::TcpBadAck);
             }
         }
         if seg.rst {
             if seg.ack.is_some() {
                 self.error = Some(TcpError::Refused);
                 self.state = State::Closed;
+                return None;
             }
-            return;
+            return Some(DropReason::TcpNoAck);
         }
         if !seg.syn {
-            return;
+            return Some(DropReason::TcpNoAck);
         }
         self.irs = seg.seq;
         self.rcv_nxt = seg.seq + 1;
-        self.take_syn_options(seg);
+        self.take_syn_options(seg, now);
         self.snd_wnd = u32::from(seg.window);
         self.snd_wl1 = seg.seq;
         match seg.ack {
             Some(ack) => {
                 self.snd_una = ack;
                 self.snd_wl2 = ack;
+                self.rxt_next = ack;
                 self.state = State::Established;
                 self.keepalive_at = self.cfg.keepalive.map(|k| now + k.idle);
                 self.rto_at = None;
                 self.retries = 0;
-                if self.timed.is_some() {
-                    if let Some((_, sent)) = self.timed.take() {
-                        self.rtt.sample(now.saturating_sub(sent));
-                    }
+                if let Some((_, sent)) = self.timed.take() {
+                    self.rtt.sample(now.saturating_sub(sent));
                 }
                 self.ack_now = true;
             }
@@ -689,10 +835,75 @@ impl Conn {
                 self.rto_at = None;
             }
         }
+        None
+    }
+
+    /// An ICMP error about a segment we sent with sequence number `seq` arrived. `mss` is the
+    /// MSS the reported path MTU allows (packet too big), or `None` for destination unreachable
+    /// (`port`: port unreachable). Errors whose sequence number we have not sent are stale or
+    /// forged (RFC 5927 4.1) and dropped.
+    pub fn on_icmp(&mut self, now: Duration, seq: Seq, mss: Option<u16>, port: bool) -> Verdict {
+        let in_flight = if self.state == State::SynSent {
+            seq == self.iss
+        } else {
+            self.snd_una <= seq && seq < self.snd_max
+        };
+        if !in_flight || matches!(self.state, State::Closed | State::TimeWait) {
+            return Some(DropReason::TcpIcmpStale);
+        }
+        match mss {
+            Some(m) => {
+                // Path MTU discovery (RFC 1191, RFC 8201): shrink and resend what is in flight
+                // at the new size at once, without a congestion response (it was no congestion).
+                let m = m.max(if self.ts_ok { 88 } else { 76 });
+                if m >= self.mss {
+                    return Some(DropReason::TcpIcmpStale);
+                }
+                self.mss = m;
+                if !matches!(self.state, State::SynSent | State::SynReceived) {
+                    self.rewind();
+                    self.rto_at = Some(now + self.rtt.rto());
+                }
+                None
+            }
+            None if matches!(self.state, State::SynSent) => {
+                // Hard error while connecting (RFC 1122 4.2.3.9, as Linux does for any
+                // unreachable code in SYN-SENT).
+                self.error = Some(if port {
+                    TcpError::Refused
+                } else {
+                    TcpError::Unreachable
+                });
+                self.state = State::Closed;
+                None
+            }
+            None => {
+                // Soft error: reported if the connection later times out.
+                self.soft_error = Some(if port {
+                    TcpError::Refused
+                } else {
+                    TcpError::Unreachable
+                });
+                None
+            }
+        }
+    }
+
+    /// Goes back to SND.UNA to resend what is in flight (after a timeout or an MTU drop).
+    fn rewind(&mut self) {
+        self.snd_nxt = self.snd_una;
+        if self.fin_seq.is_some_and(|f| f >= self.snd_una) {
+            self.fin_seq = None;
+        }
+        self.timed = None;
     }
 
     fn process_ack(&mut self, now: Duration, seg: &SegIn, ack: Seq) {
         let mss = u32::from(self.payload_mss());
+        let sacked_before = self.sacked_bytes();
+        if self.sack_ok {
+            self.take_sack_blocks(seg, ack);
+        }
         if ack > self.snd_una {
             let acked = ack - self.snd_una;
             // FIN and SYN occupy sequence space but not the send buffer.
@@ -704,14 +915,19 @@ impl Conn {
             if self.snd_nxt < ack {
                 self.snd_nxt = ack;
             }
+            self.rxt_next = self.rxt_next.max(ack);
+            self.prune_sacked();
             self.retries = 0;
             self.rtt_sample(now, seg, ack);
             // Congestion control.
             match self.recover {
                 Some(r) if ack > r => {
-                    // Full acknowledgement: leave recovery (RFC 6582 3.2 step 3).
+                    // Full acknowledgement: leave recovery (RFC 6582 3.2 step 3, RFC 6675 5).
                     self.cwnd = self.ssthresh.min(self.in_flight().max(mss) + mss);
                     self.recover = None;
+                }
+                Some(_) if self.sack_ok => {
+                    // RFC 6675: the scoreboard drives retransmission; cwnd stays at ssthresh.
                 }
                 Some(_) => {
                     // Partial acknowledgement: retransmit the next hole, deflate.
@@ -719,7 +935,10 @@ impl Conn {
                     self.cwnd = self.cwnd.saturating_sub(acked).max(mss) + mss;
                 }
                 None if self.cwnd < self.ssthresh => self.cwnd += acked.min(mss),
-                None => self.cwnd += (mss * mss / self.cwnd).max(1),
+                None => {
+                    let srtt = self.rtt.srtt().unwrap_or(Duration::from_millis(100));
+                    self.cwnd = self.cc.on_ack(now, srtt, self.cwnd, acked, mss);
+                }
             }
             self.dupacks = 0;
             self.rto_at = (self.snd_una != self.snd_max).then(|| now + self.rtt.rto());
@@ -742,12 +961,16 @@ impl Conn {
         {
             // Duplicate ACK (RFC 5681 2).
             self.dupacks += 1;
-            if self.dupacks == 3 && self.recover.is_none() {
-                self.ssthresh = (self.in_flight() / 2).max(2 * mss);
-                self.cwnd = self.ssthresh + 3 * mss;
-                self.recover = Some(self.snd_max);
-                self.retransmit_una = true;
-            } else if self.dupacks > 3 {
+            if self.recover.is_none() {
+                // RFC 6675 5 (a): DupThresh duplicates, or more than (DupThresh - 1) segments
+                // SACKed above SND.UNA.
+                let sacked = self.sacked_bytes();
+                if self.dupacks >= DUP_THRESH
+                    || (self.sack_ok && sacked > sacked_before && sacked > (DUP_THRESH - 1) * mss)
+                {
+                    self.enter_recovery();
+                }
+            } else if self.dupacks > DUP_THRESH && !self.sack_ok {
                 self.cwnd += mss;
             }
         }
@@ -762,9 +985,147 @@ impl Conn {
         }
     }
 
+    /// Fast retransmit / fast recovery entry (RFC 5681 3.2, RFC 6582, RFC 6675 5).
+    fn enter_recovery(&mut self) {
+        let mss = u32::from(self.payload_mss());
+        self.ssthresh = self.cc.on_loss(self.cwnd, self.in_flight(), mss);
+        self.recover = Some(self.snd_max);
+        if self.sack_ok {
+            self.cwnd = self.ssthresh;
+            self.rxt_next = self.snd_una;
+        } else {
+            self.cwnd = self.ssthresh + 3 * mss;
+            self.retransmit_una = true;
+        }
+    }
+
+    /// Adds the segment's SACK blocks to the scoreboard. A block at or below the cumulative
+    /// ACK, or inside the next block, is a D-SACK (RFC 2883): it reports a duplicate, not
+    /// new data, and is left out. Blocks beyond what we sent are ignored.
+    fn take_sack_blocks(&mut self, seg: &SegIn, ack: Seq) {
+        let blocks = seg.sack;
+        for (i, b) in blocks.iter().enumerate() {
+            let Some((l, r)) = *b else { continue };
+            if r <= l || r > self.snd_max {
+                continue;
+            }
+            let dsack = i == 0
+                && (l < ack.max(self.snd_una)
+                    || blocks[1].is_some_and(|(l2, r2)| l2 <= l && r <= r2));
+            if dsack {
+                self.dsacks_received += 1;
+                continue;
+            }
+            let l = l.max(ack);
+            if r <= l {
+                continue;
+            }
+            self.insert_sacked(l, r);
+        }
+    }
+
+    fn insert_sacked(&mut self, l: Seq, r: Seq) {
+        let (mut l, mut r) = (l, r);
+        let mut i = 0;
+        while i < self.sacked.len() {
+            let (a, b) = self.sacked[i];
+            if b < l || a > r {
+                i += 1;
+            } else {
+                l = l.min(a);
+                r = r.max(b);
+                self.sacked.remove(i);
+            }
+        }
+        let at = self.sacked.partition_point(|&(a, _)| a < l);
+        self.sacked.insert(at, (l, r));
+        if self.sacked.len() > MAX_SACKED {
+            // Forget the highest range: its data is simply resent if needed.
+            self.sacked.pop();
+        }
+    }
+
+    fn prune_sacked(&mut self) {
+        let una = self.snd_una;
+        self.sacked.retain(|&(_, r)| r > una);
+        if let Some(first) = self.sacked.first_mut() {
+            first.0 = first.0.max(una);
+        }
+    }
+
+    fn sacked_bytes(&self) -> u32 {
+        self.sacked.iter().map(|&(l, r)| r - l).sum()
+    }
+
+    /// RFC 6675 IsLost: more than (DupThresh - 1) segments SACKed above `seq`.
+    fn is_lost(&self, seq: Seq) -> bool {
+        let mss = u32::from(self.payload_mss());
+        let above: u32 = self
+            .sacked
+            .iter()
+            .filter(|&&(_, r)| r > seq)
+            .map(|&(l, r)| r - l.max(seq))
+            .sum();
+        above > (DUP_THRESH - 1) * mss
+    }
+
+    /// The holes below the highest SACKed byte, from SND.UNA up.
+    fn holes(&self) -> impl Iterator<Item = (Seq, Seq)> + '_ {
+        let mut prev = self.snd_una;
+        self.sacked.iter().filter_map(move |&(l, r)| {
+            let hole = (prev < l).then_some((prev, l));
+            prev = r;
+            hole
+        })
+    }
+
+    /// RFC 6675 SetPipe: bytes believed in the network.
+    fn pipe(&self) -> u32 {
+        if self.recover.is_none() || !self.sack_ok {
+            // Outside SACK recovery: what was sent from SND.UNA up to SND.NXT, less SACKed.
+            let sacked: u32 = self
+                .sacked
+                .iter()
+                .filter(|&&(l, _)| l < self.snd_nxt)
+                .map(|&(l, r)| r.min(self.snd_nxt) - l)
+                .sum();
+            return self.in_flight().saturating_sub(sacked);
+        }
+        let flight = self.snd_max - self.snd_una;
+        let mut lost = 0;
+        let mut resent = 0;
+        for (l, r) in self.holes() {
+            if self.is_lost(l) {
+                lost += r - l;
+                if self.rxt_next > l {
+                    resent += self.rxt_next.min(r) - l;
+                }
+            }
+        }
+        (flight - self.sacked_bytes() - lost) + resent
+    }
+
+    /// RFC 6675 NextSeg rule 1: the first lost byte range at or after HighRxt, up to `max` bytes.
+    fn next_lost(&self, max: u32) -> Option<(Seq, u32)> {
+        self.holes().find_map(|(l, r)| {
+            let s = l.max(self.rxt_next);
+            (s < r && self.is_lost(s)).then(|| (s, (r - s).min(max)))
+        })
+    }
+
     fn rtt_sample(&mut self, now: Duration, seg: &SegIn, ack: Seq) {
         if let (true, Some((_, tsecr))) = (self.ts_ok, seg.ts) {
             let echoed = tsecr.wrapping_sub(self.ts_offset);
+            // Karn's rule for timestamps: an echo from before the last timeout names a segment
+            // sent before it, and the ACK may answer the retransmission (the receiver echoes
+            // its older TS.Recent for a duplicate). Such a "sample" measures our own timeout and
+            // would inflate the RTO without end under loss; wait for data sent since.
+            if self
+                .rto_fired_at
+                .is_some_and(|t| (echoed.wrapping_sub(ms(t)) as i32) < 0)
+            {
+                return;
+            }
             let r = ms(now).wrapping_sub(echoed);
             if r < 60_000 {
                 self.rtt.sample(Duration::from_millis(u64::from(r)));
@@ -784,6 +1145,10 @@ impl Conn {
         let (mut seq, mut data) = (seg.seq, seg.payload);
         if seq < self.rcv_nxt {
             let skip = (self.rcv_nxt - seq) as usize;
+            if self.sack_ok {
+                let dup = skip.min(data.len()) as u32;
+                self.dsack = Some((seq, seq + dup));
+            }
             if skip >= data.len() {
                 self.ack_now = true;
                 return;
@@ -792,6 +1157,21 @@ impl Conn {
             seq = self.rcv_nxt;
         }
         let off = (seq - self.rcv_nxt) as usize;
+        if off > 0 {
+            if self.sack_ok {
+                // Data we already hold out of order is a duplicate too (RFC 2883).
+                let end = off + data.len();
+                if self
+                    .recv
+                    .ranges()
+                    .iter()
+                    .any(|&(a, b)| a <= off && end <= b)
+                {
+                    self.dsack = Some((seq, seq + data.len() as u32));
+                }
+            }
+            self.last_ooo = Some(seq);
+        }
         let had_holes = !self.recv.ranges().is_empty();
         let advanced = self.recv.write(off, data);
         self.rcv_nxt += advanced as u32;
@@ -847,24 +1227,29 @@ impl Conn {
                 self.cfg.max_retries
             };
             if self.retries > limit {
-                self.error = Some(TcpError::TimedOut);
+                self.error = Some(self.soft_error.unwrap_or(TcpError::TimedOut));
                 self.state = State::Closed;
                 return;
             }
             self.rtt.back_off();
-            self.timed = None;
+            self.rto_fired_at = Some(now);
             let mss = u32::from(self.payload_mss());
             if !matches!(self.state, State::SynSent | State::SynReceived) {
-                self.ssthresh = (self.in_flight() / 2).max(2 * mss);
+                // RFC 5681 (4) once per loss episode: a second timeout keeps the threshold.
+                if self.retries == 1 {
+                    self.ssthresh = self.cc.on_timeout(self.cwnd, self.in_flight(), mss);
+                }
                 self.cwnd = mss;
                 self.recover = None;
                 self.dupacks = 0;
+                // SACKed data is not resent after a timeout (RFC 6675 5.1); a second timeout
+                // in a row may mean the receiver reneged, so the scoreboard is cleared then.
+                if self.retries > 1 {
+                    self.sacked.clear();
+                }
             }
             // Go back to SND.UNA (RFC 5681 3.1, RFC 6298 5.4).
-            self.snd_nxt = self.snd_una;
-            if self.fin_seq.is_some_and(|f| f >= self.snd_una) {
-                self.fin_seq = None;
-            }
+            self.rewind();
             self.syn_sent_once = false;
             // poll_transmit re-arms with the backed-off RTO once it has resent.
             self.rto_at = None;
@@ -911,6 +1296,7 @@ impl Conn {
                                 .timestamps
                                 .then(|| (ms(now).wrapping_add(self.ts_offset), 0))
                         },
+                        sack_permitted: if syn_ack { self.sack_ok } else { self.cfg.sack },
                         ..Default::default()
                     });
                     self.snd_nxt = self.iss + 1;
@@ -931,14 +1317,32 @@ impl Conn {
             }
             _ => {}
         }
+        let mss = self.seg_limit();
         if self.retransmit_una {
             self.retransmit_una = false;
             let len = (self.send.len() as u32)
                 .min(self.snd_max - self.snd_una)
-                .min(u32::from(self.payload_mss())) as usize;
+                .min(mss) as usize;
             if len > 0 {
                 let seg = self.data_seg(now, self.snd_una, 0, len, false);
                 self.retransmitted += len as u64;
+                out.push(seg);
+            }
+        }
+        if self.sack_ok && self.recover.is_some() {
+            // RFC 6675 5 (C): while the pipe leaves room, resend lost holes.
+            while self.pipe() + mss <= self.cwnd.max(mss) {
+                let Some((seq, len)) = self.next_lost(mss) else {
+                    break;
+                };
+                let off = (seq - self.snd_una) as usize;
+                let len = len.min((self.send.len() - off.min(self.send.len())) as u32) as usize;
+                if len == 0 {
+                    break;
+                }
+                let seg = self.data_seg(now, seq, off, len, false);
+                self.retransmitted += len as u64;
+                self.rxt_next = seq + len as u32;
                 out.push(seg);
             }
         }
@@ -963,6 +1367,7 @@ impl Conn {
             self.ack_now = false;
             self.ack_at = None;
             self.unacked_segs = 0;
+            self.dsack = None;
         }
         if self.snd_una != self.snd_max && self.rto_at.is_none() {
             self.rto_at = Some(now + self.rtt.rto());
@@ -977,6 +1382,39 @@ impl Conn {
         }
     }
 
+    /// SACK blocks for an outgoing ACK: a pending D-SACK first, then the block holding the
+    /// latest out-of-order segment, then the others from the highest down (RFC 2018 4).
+    fn sack_blocks(&self) -> [Option<(Seq, Seq)>; 3] {
+        let mut blocks = [None; 3];
+        if !self.sack_ok {
+            return blocks;
+        }
+        let mut n = 0;
+        if let Some(d) = self.dsack {
+            blocks[0] = Some(d);
+            n = 1;
+        }
+        let ranges = self.recv.ranges();
+        let abs = |&(a, b): &(usize, usize)| (self.rcv_nxt + a as u32, self.rcv_nxt + b as u32);
+        let latest = self
+            .last_ooo
+            .and_then(|s| ranges.iter().map(abs).find(|&(a, b)| a <= s && s < b));
+        if let Some(b) = latest {
+            blocks[n] = Some(b);
+            n += 1;
+        }
+        for r in ranges.iter().rev().map(abs) {
+            if n == blocks.len() {
+                break;
+            }
+            if Some(r) != latest {
+                blocks[n] = Some(r);
+                n += 1;
+            }
+        }
+        blocks
+    }
+
     fn push_ack(&mut self, now: Duration, out: &mut Vec<SegOut>) {
         let window = self.window_field();
         // A pure ACK carries the highest sequence number sent, not SND.NXT: after a timeout
@@ -987,6 +1425,7 @@ impl Conn {
             ack: Some(self.rcv_nxt),
             window,
             ts: self.ts_option(now),
+            sack: self.sack_blocks(),
             ..Default::default()
         });
     }
@@ -1000,6 +1439,7 @@ impl Conn {
             psh: off + len == self.send.len(),
             window,
             ts: self.ts_option(now),
+            sack: self.sack_blocks(),
             off,
             len,
             ..Default::default()
@@ -1007,17 +1447,30 @@ impl Conn {
     }
 
     fn send_data(&mut self, now: Duration, out: &mut Vec<SegOut>) {
-        let mss = self.payload_mss() as usize;
+        let mss = self.seg_limit() as usize;
         loop {
+            // After a timeout SND.NXT walks up again from SND.UNA: skip what the peer SACKed.
+            if let Some(&(_, r)) = self
+                .sacked
+                .iter()
+                .find(|&&(l, r)| l <= self.snd_nxt && self.snd_nxt < r)
+            {
+                self.snd_nxt = r;
+            }
             let sent = (self.snd_nxt - self.snd_una) as usize;
             let fin_in_flight = self
                 .fin_seq
                 .is_some_and(|f| f >= self.snd_una && f < self.snd_nxt);
             let sent_data = sent - usize::from(fin_in_flight);
             let unsent = self.send.len().saturating_sub(sent_data);
-            let wnd = self.snd_wnd.min(self.cwnd) as usize;
-            let room = wnd.saturating_sub(sent);
-            let mut len = unsent.min(room).min(mss);
+            // The peer's window bounds sequence space; the congestion window bounds the pipe.
+            let wnd_room = (self.snd_wnd as usize).saturating_sub(sent);
+            let cc_room = self.cwnd.saturating_sub(self.pipe()) as usize;
+            let mut len = unsent.min(wnd_room).min(cc_room).min(mss);
+            // Do not run into a SACKed range when resending.
+            if let Some(&(l, _)) = self.sacked.iter().find(|&&(l, _)| l > self.snd_nxt) {
+                len = len.min((l - self.snd_nxt) as usize);
+            }
             let want_fin = self.close_requested && self.fin_seq.is_none() && len == unsent;
             if len == 0 && !want_fin {
                 return;

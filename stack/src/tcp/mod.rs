@@ -2,6 +2,7 @@
 //! on these).
 
 pub mod buffer;
+pub mod cc;
 pub mod conn;
 pub mod rtt;
 pub mod seq;
