@@ -306,7 +306,16 @@ impl Stack {
             pool: Vec::new(),
             scratch: Vec::new(),
             tcp_payload: Vec::new(),
-            tcp: tcp_glue::Tcp::new(cfg.tcp.clone()),
+            // The cookie secret is independent of the demux key (a fixed demux key, given for
+            // reproducible tests, still yields a distinct cookie secret).
+            tcp: tcp_glue::Tcp::new(cfg.tcp.clone(), {
+                let mut k = HashKey::random().0;
+                if let Some(fixed) = cfg.hash_key {
+                    k = fixed.0;
+                    k.reverse();
+                }
+                k
+            }),
             counters: Counters::default(),
             ident: 1,
             cfg,

@@ -12,7 +12,8 @@ use smoltcp::wire::{IpProtocol, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber};
 use subnetstack_demux::{BindError, Binding, BindingId, Flow, ListenerId, PortSpec, Protocol};
 use subnetstack_ifaces::{Csum, FrameMeta};
 
-use crate::tcp::conn::{Conn, Keepalive, SegIn, SegOut, State, TcpConfig, TcpError};
+use crate::tcp::conn::{window_shift, Conn, Keepalive, SegIn, SegOut, State, TcpConfig, TcpError};
+use crate::tcp::cookie::{CookieJar, PERIOD};
 use crate::tcp::seq::Seq;
 use crate::tcp::wheel::TimerWheel;
 use crate::{DropReason, IpL4, Stack, UdpErrorKind};
@@ -85,10 +86,27 @@ impl std::error::Error for IoError {}
 #[derive(Debug)]
 struct Listener {
     binding: BindingId,
+    prefix: IpNet,
+    ports: PortSpec,
     backlog: usize,
-    /// Connections in SYN-RECEIVED for this listener.
+    /// Connections in SYN-RECEIVED for this listener (its SYN queue).
     pending: usize,
     accept: VecDeque<u32>,
+    /// When the listener last answered with a SYN cookie (ACKs are checked for cookies only
+    /// for two periods after).
+    last_cookie: Option<Duration>,
+}
+
+/// What became of an ACK that matched no connection.
+enum CookieAck {
+    /// It carried a valid cookie: the connection exists now.
+    Created,
+    /// A valid cookie, but the listener's accept queue is full.
+    AcceptQueueFull,
+    /// Its listener sent cookies lately, and this one is not valid.
+    Bad,
+    /// No listener sent cookies lately: an ordinary stray segment.
+    NotCookie,
 }
 
 #[derive(Debug)]
@@ -106,9 +124,10 @@ struct Sock {
 }
 
 /// TCP state of a stack.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Tcp {
     cfg: TcpConfig,
+    cookies: CookieJar,
     listeners: Vec<Option<Listener>>,
     socks: Vec<Option<Sock>>,
     free: Vec<u32>,
@@ -122,10 +141,19 @@ pub(crate) struct Tcp {
 }
 
 impl Tcp {
-    pub(crate) fn new(cfg: TcpConfig) -> Self {
+    pub(crate) fn new(cfg: TcpConfig, cookie_secret: [u8; 16]) -> Self {
         Tcp {
             cfg,
-            ..Default::default()
+            cookies: CookieJar::new(cookie_secret),
+            listeners: Vec::new(),
+            socks: Vec::new(),
+            free: Vec::new(),
+            table: HashMap::new(),
+            wheel: TimerWheel::default(),
+            ephemeral: 0,
+            time_wait: 0,
+            out: Vec::new(),
+            fired: Vec::new(),
         }
     }
 
@@ -364,14 +392,22 @@ impl Stack {
         if seg.rst {
             return self.drop(DropReason::TcpNoConnection);
         }
+        let flow =
+            Flow::new(remote.ip(), remote.port(), local.ip(), local.port()).expect("one family");
         if seg.syn && seg.ack.is_none() {
-            let flow = Flow::new(remote.ip(), remote.port(), local.ip(), local.port())
-                .expect("one family");
             let hit = self.demux.snapshot().lookup(Protocol::Tcp, &flow);
             if let Some(hit) = hit {
                 return self.tcp_syn(now, hit.listener.0 as u32, local, remote, &seg);
             }
             self.drop(DropReason::TcpNoBinding);
+        } else if let (Some(ack), false) = (seg.ack, seg.syn) {
+            match self.tcp_cookie_ack(now, &flow, local, remote, &seg, ack) {
+                CookieAck::Created => return,
+                // Like Linux: no RST, the client's retransmission may find room.
+                CookieAck::AcceptQueueFull => return self.drop(DropReason::TcpListenOverflow),
+                CookieAck::Bad => self.drop(DropReason::TcpBadCookie),
+                CookieAck::NotCookie => self.drop(DropReason::TcpNoConnection),
+            }
         } else {
             self.drop(DropReason::TcpNoConnection);
         }
@@ -446,8 +482,17 @@ impl Stack {
         let Some(Some(lis)) = self.tcp.listeners.get_mut(l as usize) else {
             return self.drop(DropReason::TcpNoBinding);
         };
-        if lis.pending + lis.accept.len() >= lis.backlog {
+        // A full accept queue drops the SYN (the client retries); a full SYN queue answers
+        // with a cookie and keeps no state (Linux does both the same way).
+        if lis.accept.len() >= lis.backlog {
             return self.drop(DropReason::TcpListenOverflow);
+        }
+        if lis.pending >= lis.backlog {
+            if !self.tcp.cfg.syncookies {
+                return self.drop(DropReason::TcpListenOverflow);
+            }
+            lis.last_cookie = Some(now);
+            return self.tcp_cookie_syn_ack(now, local, remote, seg);
         }
         lis.pending += 1;
         let iss = self.isn(now, local, remote);
@@ -464,6 +509,122 @@ impl Stack {
             in_time_wait: false,
         });
         self.tcp_after(now, idx);
+    }
+
+    /// Answers `syn` with a cookie SYN-ACK (RFC 4987 3.6), keeping no state.
+    fn tcp_cookie_syn_ack(
+        &mut self,
+        now: Duration,
+        local: SocketAddr,
+        remote: SocketAddr,
+        syn: &SegIn,
+    ) {
+        let v6 = local.is_ipv6();
+        let cfg = &self.tcp.cfg;
+        let peer_mss = syn.mss.unwrap_or(if v6 { 1220 } else { 536 });
+        let cookie = self.tcp.cookies.make(now, local, remote, syn.seq, peer_mss);
+        // Window scale and SACK survive only through the timestamp (as in Linux).
+        let ts = match (cfg.timestamps, syn.ts) {
+            (true, Some((tsval, _))) => Some((
+                CookieJar::ts_encode(
+                    Conn::tsval(cookie, now),
+                    syn.wscale,
+                    cfg.sack && syn.sack_permitted,
+                ),
+                tsval,
+            )),
+            _ => None,
+        };
+        let with_opts = ts.is_some();
+        let seg = SegOut {
+            seq: cookie,
+            ack: Some(syn.seq + 1),
+            syn: true,
+            window: cfg.recv_buffer.min(65535) as u16,
+            mss: Some(self.tcp_mss(v6)),
+            wscale: (with_opts && syn.wscale.is_some()).then(|| window_shift(cfg.recv_buffer)),
+            ts,
+            sack_permitted: with_opts && cfg.sack && syn.sack_permitted,
+            ..Default::default()
+        };
+        self.counters.tcp_syncookies_sent += 1;
+        self.send_seg(now, local, remote, &seg, None);
+    }
+
+    /// An ACK for no connection: if its listener sent cookies lately and the cookie holds,
+    /// the connection is created on that listener.
+    fn tcp_cookie_ack(
+        &mut self,
+        now: Duration,
+        flow: &Flow,
+        local: SocketAddr,
+        remote: SocketAddr,
+        seg: &SegIn,
+        ack: Seq,
+    ) -> CookieAck {
+        let Some(hit) = self.demux.snapshot().lookup(Protocol::Tcp, flow) else {
+            return CookieAck::NotCookie;
+        };
+        let l = hit.listener.0 as u32;
+        let Some(Some(lis)) = self.tcp.listeners.get(l as usize) else {
+            return CookieAck::NotCookie;
+        };
+        let recent = lis
+            .last_cookie
+            .is_some_and(|t| now.saturating_sub(t) < PERIOD * 2);
+        if !recent {
+            return CookieAck::NotCookie;
+        }
+        let peer_isn = seg.seq + u32::MAX;
+        let iss = ack + u32::MAX;
+        let Some(mss) = self.tcp.cookies.check(now, local, remote, peer_isn, iss) else {
+            return CookieAck::Bad;
+        };
+        if lis.accept.len() >= lis.backlog {
+            return CookieAck::AcceptQueueFull;
+        }
+        let (wscale, sack) = match seg.ts {
+            Some((_, tsecr)) if self.tcp.cfg.timestamps => CookieJar::ts_decode(tsecr),
+            _ => (None, false),
+        };
+        let syn = SegIn {
+            seq: peer_isn,
+            syn: true,
+            window: seg.window,
+            mss: Some(mss),
+            wscale,
+            ts: seg.ts,
+            sack_permitted: sack,
+            ..Default::default()
+        };
+        let v6 = local.is_ipv6();
+        let conn = Conn::from_cookie(self.tcp.cfg.clone(), self.tcp_mss(v6), v6, iss, &syn, now);
+        if let Some(Some(lis)) = self.tcp.listeners.get_mut(l as usize) {
+            lis.pending += 1;
+        }
+        let idx = self.tcp_insert(Sock {
+            conn,
+            local,
+            remote,
+            listener: Some(l),
+            accepted: false,
+            app_closed: false,
+            armed: None,
+            in_time_wait: false,
+        });
+        self.counters.tcp_syncookies_valid += 1;
+        let mut out = std::mem::take(&mut self.tcp.out);
+        if let Some(Some(s)) = self.tcp.socks.get_mut(idx as usize) {
+            if let Some(r) = s.conn.on_segment(now, seg, &mut out) {
+                self.counters.drop(r);
+            }
+        }
+        for r in out.drain(..) {
+            self.send_seg(now, local, remote, &r, None);
+        }
+        self.tcp.out = out;
+        self.tcp_after(now, idx);
+        CookieAck::Created
     }
 
     fn tcp_insert(&mut self, s: Sock) -> u32 {
@@ -503,9 +664,12 @@ impl Stack {
         let binding = self.demux.bind(b)?;
         let lis = Listener {
             binding,
+            prefix,
+            ports,
             backlog: backlog.max(1),
             pending: 0,
             accept: VecDeque::new(),
+            last_cookie: None,
         };
         if idx == self.tcp.listeners.len() {
             self.tcp.listeners.push(Some(lis));
@@ -528,7 +692,9 @@ impl Stack {
         Some((TcpHandle(idx), s.local, s.remote))
     }
 
-    /// Stops listening; connections not yet accepted are reset.
+    /// Stops listening. Connections not yet accepted (handshake done or under way) go to a
+    /// reuseport sibling (another listener on the same prefix and ports) if there is one, in
+    /// the demux's hashing, queue order kept; otherwise they are reset.
     pub fn tcp_listener_close(&mut self, now: Duration, l: TcpListenerHandle) {
         let Some(lis) = self
             .tcp
@@ -539,27 +705,57 @@ impl Stack {
             return;
         };
         let _ = self.demux.unbind(lis.binding);
-        let orphans: Vec<u32> = self
-            .tcp
-            .socks
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.as_ref().is_some_and(|s| s.listener == Some(l.0)))
-            .map(|(i, _)| i as u32)
-            .collect();
-        for idx in orphans {
-            if let Some(Some(s)) = self.tcp.socks.get_mut(idx as usize) {
-                s.app_closed = true;
-                s.listener = None;
-                let mut out = std::mem::take(&mut self.tcp.out);
-                s.conn.abort(&mut out);
-                let (local, remote) = (s.local, s.remote);
-                for seg in out.drain(..) {
-                    self.send_seg(now, local, remote, &seg, None);
+        // Queued first (in order), then the embryonic ones.
+        let mut orphans: Vec<u32> = lis.accept.iter().copied().collect();
+        orphans.extend(self.tcp.socks.iter().enumerate().filter_map(|(i, s)| {
+            s.as_ref()
+                .is_some_and(|s| s.listener == Some(l.0) && !s.accepted)
+                .then_some(i as u32)
+        }));
+        // Where each goes: the member the demux now hashes its flow to, if that is a sibling.
+        let heirs: Vec<(u32, Option<u32>)> = {
+            let snapshot = self.demux.snapshot();
+            orphans
+                .iter()
+                .map(|&idx| {
+                    let heir = self.tcp.socks[idx as usize].as_ref().and_then(|s| {
+                        let flow =
+                            Flow::new(s.remote.ip(), s.remote.port(), s.local.ip(), s.local.port())
+                                .expect("one family");
+                        let h = snapshot.lookup(Protocol::Tcp, &flow)?.listener.0 as u32;
+                        let sib = self.tcp.listeners.get(h as usize)?.as_ref()?;
+                        (sib.prefix == lis.prefix && sib.ports == lis.ports).then_some(h)
+                    });
+                    (idx, heir)
+                })
+                .collect()
+        };
+        for (idx, heir) in heirs {
+            let Some(Some(s)) = self.tcp.socks.get_mut(idx as usize) else {
+                continue;
+            };
+            if let Some((h, Some(sib))) =
+                heir.and_then(|h| Some((h, self.tcp.listeners.get_mut(h as usize)?.as_mut())))
+            {
+                s.listener = Some(h);
+                if s.accepted {
+                    sib.accept.push_back(idx);
+                } else {
+                    sib.pending += 1;
                 }
-                self.tcp.out = out;
-                self.tcp_after(now, idx);
+                self.counters.tcp_handed_over += 1;
+                continue;
             }
+            s.app_closed = true;
+            s.listener = None;
+            let mut out = std::mem::take(&mut self.tcp.out);
+            s.conn.abort(&mut out);
+            let (local, remote) = (s.local, s.remote);
+            for seg in out.drain(..) {
+                self.send_seg(now, local, remote, &seg, None);
+            }
+            self.tcp.out = out;
+            self.tcp_after(now, idx);
         }
     }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use smoltcp::wire::{TcpControl, TcpRepr, TcpTimestampRepr};
 use subnetstack_demux::{HashKey, PortSpec};
 use subnetstack_ifaces::{Batch, FrameMeta, Mac};
-use subnetstack_stack::{Config, DropReason, IoError, Stack, TcpHandle, TcpState};
+use subnetstack_stack::{Config, DropReason, IoError, Stack, TcpConfig, TcpHandle, TcpState};
 use subnetstack_testkit::*;
 
 const S_MAC: Mac = [0x02, 0x53, 0, 0, 0, 1];
@@ -23,8 +23,13 @@ struct Rig {
 
 impl Rig {
     fn new() -> Rig {
+        Rig::with_tcp(TcpConfig::default())
+    }
+
+    fn with_tcp(tcp: TcpConfig) -> Rig {
         let mut cfg = Config::new(S_MAC, vec!["198.18.1.0/24".parse().unwrap()]);
         cfg.hash_key = Some(HashKey([4; 16]));
+        cfg.tcp = tcp;
         let mut s = Stack::new(cfg).unwrap();
         // The peer's MAC is known (it asked for ours).
         s.handle_frame(T0, &arp_request(P_MAC, PEER, LOCAL), FrameMeta::default());
@@ -369,8 +374,11 @@ fn zero_window_is_probed() {
 }
 
 #[test]
-fn listener_backlog_bounds_half_open_connections() {
-    let mut r = Rig::new();
+fn listener_backlog_bounds_half_open_connections_without_cookies() {
+    let mut r = Rig::with_tcp(TcpConfig {
+        syncookies: false,
+        ..TcpConfig::default()
+    });
     r.listen(2);
     for port in 0..4u16 {
         let syn = tcp_repr(41000 + port, 80, TcpControl::Syn, 1000, None, 65535, &[]);
@@ -1058,5 +1066,307 @@ fn unreachable_in_syn_sent_fails_the_connect_and_later_is_reported_on_timeout() 
     assert_eq!(
         r.s.tcp_error(h),
         Some(subnetstack_stack::TcpError::Unreachable)
+    );
+}
+
+/// A SYN from `port` with every option.
+fn full_syn(port: u16, seq: i32) -> TcpRepr<'static> {
+    TcpRepr {
+        max_seg_size: Some(1460),
+        window_scale: Some(7),
+        timestamp: Some(TcpTimestampRepr::new(5000, 0)),
+        sack_permitted: true,
+        ..tcp_repr(port, 80, TcpControl::Syn, seq, None, 65535, &[])
+    }
+}
+
+#[test]
+fn a_full_syn_queue_answers_with_cookies_that_come_back_as_connections() {
+    let mut r = Rig::new();
+    let l = r.listen(1);
+    // The first SYN takes the one SYN-queue slot (never completed).
+    assert_eq!(r.send(&full_syn(41000, 1000)).len(), 1);
+    assert_eq!(r.s.counters().tcp_syncookies_sent, 0);
+    // The next is answered with a cookie: same options as a normal SYN-ACK.
+    let out = r.send(&full_syn(41001, 7000));
+    assert_eq!(out.len(), 1);
+    let synack = &out[0];
+    assert!(synack.syn && synack.ack == Some(7001));
+    assert_eq!(synack.mss, Some(1460));
+    assert!(synack.sack_permitted && synack.wscale.is_some());
+    let (tsval, tsecr) = synack.ts.expect("timestamps");
+    assert_eq!(tsecr, 5000);
+    assert_eq!(r.s.counters().tcp_syncookies_sent, 1);
+    assert_eq!(r.s.tcp_connections(), 1, "no state kept for the cookie");
+    // The client's ACK brings it back: a connection, on the listener, with its options.
+    let ack = TcpRepr {
+        timestamp: Some(TcpTimestampRepr::new(5001, tsval)),
+        window_len: 1000,
+        ..tcp_repr(
+            41001,
+            80,
+            TcpControl::Psh,
+            7001,
+            Some(synack.seq + 1),
+            1000,
+            b"GET",
+        )
+    };
+    let out = r.send(&ack);
+    assert_eq!(r.s.counters().tcp_syncookies_valid, 1);
+    let (h, local, remote) = r.s.tcp_accept(l).expect("accepted from the cookie");
+    assert_eq!(local, "198.18.1.7:80".parse().unwrap());
+    assert_eq!(remote, "198.19.255.1:41001".parse().unwrap());
+    assert!(out.is_empty(), "data acked later (delayed ACK)");
+    let mut buf = [0u8; 8];
+    assert_eq!(
+        r.s.tcp_recv(r.now, h, &mut buf),
+        Ok(3),
+        "data on the cookie ACK kept"
+    );
+    // MSS 1460 less timestamps; the window of 1000 is scaled by the client's 7.
+    r.s.tcp_set_nodelay(h, true).unwrap();
+    r.s.tcp_send(r.now, h, &vec![0u8; 3000]).unwrap();
+    let out = r.out();
+    // (The read opened the window past what the SYN-ACK could say: a window update leads.)
+    let sizes: Vec<usize> = out
+        .iter()
+        .map(|s| s.payload.len())
+        .filter(|&n| n > 0)
+        .collect();
+    assert_eq!(
+        sizes,
+        vec![1448, 1448, 104],
+        "window 128000 and MSS 1448 in force"
+    );
+    assert!(out.iter().all(|s| s.ts.is_some()));
+}
+
+#[test]
+fn a_bad_cookie_gets_rst_and_is_counted() {
+    let mut r = Rig::new();
+    let l = r.listen(1);
+    r.send(&full_syn(41000, 1000));
+    let synack = r.send(&full_syn(41001, 7000))[0].clone();
+    // Wrong acknowledgement number, and the right one for another client ISN.
+    let forged = tcp_repr(
+        41001,
+        80,
+        TcpControl::None,
+        7001,
+        Some(synack.seq + 9),
+        1000,
+        &[],
+    );
+    let out = r.send(&forged);
+    assert!(out.len() == 1 && out[0].rst);
+    let other = tcp_repr(
+        41001,
+        80,
+        TcpControl::None,
+        9001,
+        Some(synack.seq + 1),
+        1000,
+        &[],
+    );
+    assert!(r.send(&other)[0].rst);
+    assert_eq!(r.s.counters().dropped(DropReason::TcpBadCookie), 2);
+    assert!(r.s.tcp_accept(l).is_none());
+    assert_eq!(r.s.counters().tcp_syncookies_valid, 0);
+    // Two periods later even the right cookie has expired.
+    r.advance(Duration::from_secs(130));
+    // (The neighbour entry aged out meanwhile: the peer speaks up again.)
+    r.s.handle_frame(
+        r.now,
+        &arp_request(P_MAC, PEER, LOCAL),
+        FrameMeta::default(),
+    );
+    r.out();
+    let late = tcp_repr(
+        41001,
+        80,
+        TcpControl::None,
+        7001,
+        Some(synack.seq + 1),
+        1000,
+        &[],
+    );
+    assert!(r.send(&late)[0].rst);
+    assert_eq!(
+        r.s.counters().dropped(DropReason::TcpBadCookie),
+        2,
+        "no longer checked"
+    );
+}
+
+#[test]
+fn a_cookie_without_timestamps_carries_only_the_mss() {
+    let mut r = Rig::new();
+    let l = r.listen(1);
+    r.send(&full_syn(41000, 1000));
+    let syn = TcpRepr {
+        max_seg_size: Some(1400),
+        window_scale: Some(7),
+        sack_permitted: true,
+        ..tcp_repr(41001, 80, TcpControl::Syn, 7000, None, 65535, &[])
+    };
+    let synack = r.send(&syn)[0].clone();
+    assert_eq!(
+        (synack.wscale, synack.ts, synack.sack_permitted),
+        (None, None, false)
+    );
+    let ack = tcp_repr(
+        41001,
+        80,
+        TcpControl::None,
+        7001,
+        Some(synack.seq + 1),
+        65535,
+        &[],
+    );
+    assert!(r.send(&ack).is_empty());
+    let (h, _, _) = r.s.tcp_accept(l).unwrap();
+    r.s.tcp_set_nodelay(h, true).unwrap();
+    r.s.tcp_send(r.now, h, &vec![0u8; 1400]).unwrap();
+    let sizes: Vec<usize> = r.out().iter().map(|s| s.payload.len()).collect();
+    assert_eq!(
+        sizes,
+        vec![1380, 20],
+        "MSS 1400 rounds down to the table's 1380"
+    );
+}
+
+#[test]
+fn cookie_acks_land_on_the_reuseport_member_the_syn_hashed_to() {
+    let mut r = Rig::new();
+    let net = "198.18.1.0/24".parse().unwrap();
+    let port = PortSpec::exact(80).unwrap();
+    let ls = [
+        r.s.tcp_listen(net, port, true, 1).unwrap(),
+        r.s.tcp_listen(net, port, true, 1).unwrap(),
+    ];
+    let mut cookies = Vec::new();
+    for p in 0..40u16 {
+        let out = r.send(&full_syn(42000 + p, 1000));
+        if r.s.counters().tcp_syncookies_sent as usize > cookies.len() {
+            cookies.push((42000 + p, out[0].seq, out[0].ts.unwrap().0));
+        }
+    }
+    assert!(
+        cookies.len() >= 30,
+        "both SYN queues full: the rest are cookies"
+    );
+    for &(p, iss, tsval) in &cookies {
+        let ack = TcpRepr {
+            timestamp: Some(TcpTimestampRepr::new(5001, tsval)),
+            ..tcp_repr(p, 80, TcpControl::None, 1001, Some(iss + 1), 1000, &[])
+        };
+        r.send(&ack);
+        // Which member the demux picks for this flow: it must be the one that accepts it.
+        let flow = subnetstack_demux::Flow::new(PEER.into(), p, LOCAL.into(), 80).unwrap();
+        let member =
+            r.s.demux()
+                .snapshot()
+                .lookup(subnetstack_demux::Protocol::Tcp, &flow)
+                .unwrap();
+        let l = ls[member.listener.0 as usize];
+        let (_, _, remote) = r.s.tcp_accept(l).expect("on the hashed member");
+        assert_eq!(remote.port(), p);
+        // Accept queues hold one: keep them empty.
+    }
+    assert_eq!(r.s.counters().tcp_syncookies_valid as usize, cookies.len());
+}
+
+#[test]
+fn a_closing_listener_hands_its_queue_to_a_reuseport_sibling_and_the_last_resets() {
+    let mut r = Rig::new();
+    let net = "198.18.1.0/24".parse().unwrap();
+    let port = PortSpec::exact(80).unwrap();
+    let ls = [
+        r.s.tcp_listen(net, port, true, 64).unwrap(),
+        r.s.tcp_listen(net, port, true, 64).unwrap(),
+    ];
+    let member = |r: &Rig, p: u16| {
+        let flow = subnetstack_demux::Flow::new(PEER.into(), p, LOCAL.into(), 80).unwrap();
+        let hit =
+            r.s.demux()
+                .snapshot()
+                .lookup(subnetstack_demux::Protocol::Tcp, &flow);
+        hit.unwrap().listener.0 as usize
+    };
+    // Twenty clients: the even ones complete their handshake, the odd ones stay half open.
+    let mut isns = Vec::new();
+    for k in 0..20u16 {
+        let p = 43000 + k;
+        let synack = r.send(&tcp_repr(p, 80, TcpControl::Syn, 1000, None, 65535, &[]));
+        isns.push(synack[0].seq);
+        if k % 2 == 0 {
+            let ack = tcp_repr(
+                p,
+                80,
+                TcpControl::None,
+                1001,
+                Some(synack[0].seq + 1),
+                65535,
+                &[],
+            );
+            assert!(r.send(&ack).is_empty());
+        }
+    }
+    let on_first: Vec<u16> = (0..20)
+        .map(|k| 43000 + k)
+        .filter(|&p| member(&r, p) == 0)
+        .collect();
+    assert!(on_first.len() >= 4 && on_first.len() <= 16, "{on_first:?}");
+    // The first listener closes: nothing is reset.
+    r.s.tcp_listener_close(r.now, ls[0]);
+    assert!(r.out().iter().all(|s| !s.rst));
+    assert_eq!(r.s.counters().tcp_handed_over as usize, on_first.len());
+    // Its completed connections are now the sibling's, in the sibling's accept queue.
+    let mut accepted = Vec::new();
+    while let Some((_, _, remote)) = r.s.tcp_accept(ls[1]) {
+        accepted.push(remote.port());
+    }
+    let done: Vec<u16> = (0..20).step_by(2).map(|k| 43000 + k).collect();
+    accepted.sort();
+    assert_eq!(
+        accepted, done,
+        "every completed handshake, from both listeners"
+    );
+    // The half-open ones finish their handshake on the sibling.
+    for k in (1..20).step_by(2) {
+        let p = 43000 + k;
+        let ack = tcp_repr(
+            p,
+            80,
+            TcpControl::None,
+            1001,
+            Some(isns[k as usize] + 1),
+            65535,
+            &[],
+        );
+        r.send(&ack);
+    }
+    let mut late = 0;
+    while r.s.tcp_accept(ls[1]).is_some() {
+        late += 1;
+    }
+    assert_eq!(late, 10);
+    // The last member closes with a half-open connection: it is reset.
+    let synack = r.send(&tcp_repr(
+        44000,
+        80,
+        TcpControl::Syn,
+        1000,
+        None,
+        65535,
+        &[],
+    ));
+    assert_eq!(synack.len(), 1);
+    r.s.tcp_listener_close(r.now, ls[1]);
+    let out = r.out();
+    assert!(
+        out.len() == 1 && out[0].rst && out[0].dport == 44000,
+        "{out:?}"
     );
 }

@@ -105,6 +105,9 @@ pub struct TcpConfig {
     pub sack: bool,
     /// Congestion controller of new connections.
     pub congestion: Congestion,
+    /// Answer SYNs with SYN cookies (RFC 4987) when a listener's SYN queue (as long as its
+    /// backlog) is full, instead of dropping them.
+    pub syncookies: bool,
     /// Challenge ACKs (RFC 5961) a connection sends per second at most; more are suppressed
     /// (counted). Per connection rather than per host, so that the limit leaks nothing about
     /// other connections (CVE-2016-5696).
@@ -146,6 +149,7 @@ impl Default for TcpConfig {
             keepalive: None,
             max_time_wait: 16384,
             sack: true,
+            syncookies: true,
             congestion: Congestion::default(),
             challenge_acks_per_sec: 10,
         }
@@ -278,8 +282,10 @@ pub struct Conn {
     ack_at: Option<Duration>,
     persist_at: Option<Duration>,
     time_wait_at: Option<Duration>,
-    /// When the retransmission timer last fired (for Karn's rule with timestamps).
-    rto_fired_at: Option<Duration>,
+    /// Timestamp echoes from before this instant give no RTT sample: the retransmission timer
+    /// fired then (Karn's rule with timestamps), or the connection came from a SYN cookie
+    /// whose SYN-ACK timestamp carried options rather than the time.
+    no_samples_before: Option<Duration>,
     // Congestion control.
     cc: Controller,
     cwnd: u32,
@@ -311,11 +317,16 @@ fn ms(d: Duration) -> u32 {
     d.as_millis() as u32
 }
 
+/// The window scale we announce for a receive buffer of `recv_buffer` bytes.
+pub fn window_shift(recv_buffer: usize) -> u8 {
+    (0..=14u8)
+        .find(|s| (recv_buffer >> s) <= 65535)
+        .unwrap_or(14)
+}
+
 impl Conn {
     fn new(cfg: TcpConfig, local_mss: u16, iss: Seq, state: State) -> Conn {
-        let rcv_shift = (0..=14u8)
-            .find(|s| (cfg.recv_buffer >> s) <= 65535)
-            .unwrap_or(14);
+        let rcv_shift = window_shift(cfg.recv_buffer);
         Conn {
             recv: RecvBuffer::new(cfg.recv_buffer),
             send: SendBuffer::new(cfg.send_buffer),
@@ -358,7 +369,7 @@ impl Conn {
             ack_at: None,
             persist_at: None,
             time_wait_at: None,
-            rto_fired_at: None,
+            no_samples_before: None,
             cwnd: INITIAL_WINDOW * u32::from(local_mss),
             ssthresh: u32::MAX,
             dupacks: 0,
@@ -425,6 +436,9 @@ impl Conn {
         c.snd_max = iss + 1;
         // The cookie's SYN-ACK gave no RTT sample: the first one comes with data.
         c.timed = None;
+        c.no_samples_before = Some(now);
+        // What the cookie SYN-ACK advertised (unscaled, as on any SYN).
+        c.last_adv_wnd = c.cfg.recv_buffer.min(65535) as u32;
         c
     }
 
@@ -611,6 +625,12 @@ impl Conn {
         // Never shrink the right edge we advertised (RFC 9293 3.8.6.2.2).
         self.last_adv_wnd = wnd;
         (wnd >> self.rcv_shift).min(65535) as u16
+    }
+
+    /// Our TSval clock at `now` for a connection whose ISN is `iss` (each connection's clock
+    /// has its own offset, so timestamps reveal no host uptime).
+    pub fn tsval(iss: Seq, now: Duration) -> u32 {
+        ms(now).wrapping_add(iss.0.rotate_left(13))
     }
 
     fn ts_option(&self, now: Duration) -> Option<(u32, u32)> {
@@ -1121,7 +1141,7 @@ impl Conn {
             // its older TS.Recent for a duplicate). Such a "sample" measures our own timeout and
             // would inflate the RTO without end under loss; wait for data sent since.
             if self
-                .rto_fired_at
+                .no_samples_before
                 .is_some_and(|t| (echoed.wrapping_sub(ms(t)) as i32) < 0)
             {
                 return;
@@ -1232,7 +1252,7 @@ impl Conn {
                 return;
             }
             self.rtt.back_off();
-            self.rto_fired_at = Some(now);
+            self.no_samples_before = Some(now);
             let mss = u32::from(self.payload_mss());
             if !matches!(self.state, State::SynSent | State::SynReceived) {
                 // RFC 5681 (4) once per loss episode: a second timeout keeps the threshold.

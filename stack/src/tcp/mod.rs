@@ -4,6 +4,7 @@
 pub mod buffer;
 pub mod cc;
 pub mod conn;
+pub mod cookie;
 pub mod rtt;
 pub mod seq;
 pub mod wheel;
