@@ -4,10 +4,8 @@
 //! `cargo bench --bench demux` runs everything; `cargo bench --bench demux -- demux_lookup/v4/1000000`
 //! one group. Set `DEMUX_BENCH_MAX_N=100000` to skip the 1M tables on a small machine.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -17,33 +15,14 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use subnetstack::demux::model::Model;
 use subnetstack::demux::{BindPolicy, Binding, Demux, HashKey, ListenerId, PortSpec, Protocol};
+use subnetstack_testkit::{live_heap_bytes, CountingAlloc};
 
 /// Counts live heap bytes, for the bytes-per-prefix figures.
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: forwards to the system allocator unchanged; only counts sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
-        System.alloc(l)
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
-        System.dealloc(p, l)
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        LIVE.fetch_add(n as isize - l.size() as isize, Ordering::Relaxed);
-        System.realloc(p, l, n)
-    }
-}
-
 #[global_allocator]
-static A: Counting = Counting;
+static A: CountingAlloc = CountingAlloc;
 
 fn live() -> isize {
-    LIVE.load(Ordering::Relaxed)
+    live_heap_bytes()
 }
 
 const PORT: u16 = 80;

@@ -1,0 +1,111 @@
+//! Heap bytes per idle established TCP connection (nothing queued either way), counted by a
+//! counting global allocator: `cargo test --release -p subnetstack-stack --test idle_memory --
+//! --nocapture` prints the figure. Connections are made by hand-built frames against one stack,
+//! each exchanges a request and a response first (so buffers were allocated once and must have
+//! been given back), and the table's own growth is included.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use smoltcp::wire::{TcpControl, TcpRepr, TcpTimestampRepr};
+use subnetstack_demux::{HashKey, PortSpec};
+use subnetstack_ifaces::{Batch, FrameMeta, Mac};
+use subnetstack_stack::{Config, Stack, TcpHandle};
+use subnetstack_testkit::*;
+
+#[global_allocator]
+static A: CountingAlloc = CountingAlloc;
+
+const S_MAC: Mac = [0x02, 0x53, 0, 0, 0, 1];
+const P_MAC: Mac = [0x02, 0, 0, 0, 0, 0x99];
+const PEER: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 1);
+const LOCAL: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 7);
+/// The target of the issue: at most 4 KiB per idle connection.
+const BUDGET: isize = 4096;
+
+/// Opens `n` connections (peer ports from `first`), each carrying a 100-byte request and
+/// response; returns their handles.
+fn open(
+    s: &mut Stack,
+    l: subnetstack_stack::TcpListenerHandle,
+    first: u16,
+    n: u16,
+) -> Vec<TcpHandle> {
+    let now = Duration::from_secs(10);
+    let mut b = Batch::new(64, 2048);
+    let mut send = |s: &mut Stack, r: &TcpRepr| -> Vec<Seg> {
+        s.handle_frame(
+            now,
+            &tcp4_frame(P_MAC, S_MAC, PEER, LOCAL, r),
+            FrameMeta::default(),
+        );
+        b.clear();
+        s.poll_transmit(&mut b);
+        b.frames().iter().filter_map(|f| tcp4(f.data())).collect()
+    };
+    let ts = |v: u32| Some(TcpTimestampRepr::new(v, 0));
+    let mut handles = Vec::new();
+    for port in first..first + n {
+        let syn = TcpRepr {
+            max_seg_size: Some(1460),
+            window_scale: Some(7),
+            sack_permitted: true,
+            timestamp: ts(1),
+            ..tcp_repr(port, 80, TcpControl::Syn, 1000, None, 65535, &[])
+        };
+        let synack = send(s, &syn).remove(0);
+        let iss = synack.seq;
+        let req = [7u8; 100];
+        let data = TcpRepr {
+            timestamp: ts(2),
+            ..tcp_repr(port, 80, TcpControl::Psh, 1001, Some(iss + 1), 512, &req)
+        };
+        send(s, &data);
+        let (h, _, _) = s.tcp_accept(l).expect("established");
+        let mut buf = [0u8; 128];
+        assert_eq!(s.tcp_recv(now, h, &mut buf), Ok(100));
+        assert_eq!(s.tcp_send(now, h, &[9u8; 100]), Ok(100));
+        let ack = TcpRepr {
+            timestamp: ts(3),
+            ..tcp_repr(port, 80, TcpControl::None, 1101, Some(iss + 101), 512, &[])
+        };
+        // (Sending the ACK also flushes our response.)
+        send(s, &ack);
+        handles.push(h);
+    }
+    handles
+}
+
+#[test]
+fn an_idle_established_connection_costs_at_most_4_kib() {
+    let mut cfg = Config::new(S_MAC, vec!["198.18.1.0/24".parse().unwrap()]);
+    cfg.hash_key = Some(HashKey([4; 16]));
+    let mut s = Stack::new(cfg).unwrap();
+    s.handle_frame(
+        Duration::from_secs(10),
+        &arp_request(P_MAC, PEER, LOCAL),
+        FrameMeta::default(),
+    );
+    let l = s
+        .tcp_listen(
+            "198.18.1.0/24".parse().unwrap(),
+            PortSpec::exact(80).unwrap(),
+            false,
+            1 << 16,
+        )
+        .unwrap();
+    // Warm up the stack's own pools and scratch buffers.
+    let warm = open(&mut s, l, 1000, 100);
+    let n = 20_000;
+    let before = live_heap_bytes();
+    let handles = open(&mut s, l, 2000, n);
+    let after = live_heap_bytes();
+    assert_eq!(handles.len() + warm.len(), s.tcp_connections());
+    let per = (after - before) / n as isize;
+    println!(
+        "idle established TCP connection: {per} heap bytes each ({n} connections, {} bytes total, table growth included)",
+        after - before
+    );
+    assert!(per <= BUDGET, "{per} bytes per idle connection");
+    assert!(per > 0, "the allocator counts");
+}
