@@ -117,6 +117,14 @@ pub struct Counters {
     pub tcp_syncookies_valid: u64,
     /// Queued connections handed to a reuseport sibling when their listener closed.
     pub tcp_handed_over: u64,
+    /// Bytes TCP retransmitted (of connections that have ended).
+    pub tcp_retransmitted_bytes: u64,
+    /// TCP retransmission timeouts (of connections that have ended).
+    pub tcp_timeouts: u64,
+    /// TCP fast recoveries (of connections that have ended).
+    pub tcp_recoveries: u64,
+    /// TCP tail loss probes (of connections that have ended).
+    pub tcp_probes: u64,
     drops: Vec<u64>,
 }
 
@@ -153,14 +161,18 @@ impl fmt::Display for Counters {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "rx {} tx {} echo {} neigh {} udp in {} out {} reassembled {}",
+            "rx {} tx {} echo {} neigh {} udp in {} out {} reassembled {} tcp retransmitted {} timeouts {} recoveries {} probes {}",
             self.rx_frames,
             self.tx_frames,
             self.echo_replies,
             self.neighbor_replies,
             self.udp_delivered,
             self.udp_sent,
-            self.reassembled
+            self.reassembled,
+            self.tcp_retransmitted_bytes,
+            self.tcp_timeouts,
+            self.tcp_recoveries,
+            self.tcp_probes
         )?;
         for (r, n) in self.drops() {
             write!(f, " {}={n}", r.name())?;

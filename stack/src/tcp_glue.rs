@@ -320,7 +320,13 @@ impl Stack {
             self.tcp.time_wait -= 1;
         }
         if state == State::Closed {
-            self.tcp.table.remove(&(s.local, s.remote));
+            if self.tcp.table.remove(&(s.local, s.remote)).is_some() {
+                // Once per connection: its totals join the stack's.
+                self.counters.tcp_retransmitted_bytes += s.conn.retransmitted;
+                self.counters.tcp_timeouts += s.conn.timeouts;
+                self.counters.tcp_recoveries += s.conn.recoveries;
+                self.counters.tcp_probes += s.conn.probes;
+            }
             let orphan = s.listener.is_some() && !s.accepted;
             if orphan {
                 let l = s.listener.expect("passive");

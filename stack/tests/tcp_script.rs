@@ -783,6 +783,8 @@ fn established_with(syn: TcpRepr) -> (Rig, i32, TcpHandle) {
     let out = r.send(&syn);
     assert_eq!(out.len(), 1);
     let iss = out[0].seq;
+    // A 5 ms round trip, so that RTT estimates are not zero.
+    r.now += Duration::from_millis(5);
     let ack = TcpRepr {
         timestamp: syn
             .timestamp
@@ -872,10 +874,13 @@ fn sack_recovery_retransmits_only_the_holes() {
         sack_ranges: blocks,
         ..seg(TcpControl::None, 1001, Some(iss1), &[])
     };
-    // Segment 1 arrives; then 3-6. Segments 0, 2 and 7 are missing.
+    // Segment 1 arrives; then 3-6. Segments 0, 2 and 7 are missing. (The answers come 5 ms
+    // later: with no time passing RACK would call segment 0 lost at the first SACK.)
+    r.now += Duration::from_millis(5);
     let b1 = Some((at(1) as u32, at(2) as u32));
     let b2 = Some((at(3) as u32, at(7) as u32));
-    assert!(r.send(&sacked([b1, None, None])).is_empty());
+    let o = r.send(&sacked([b1, None, None]));
+    assert!(o.is_empty(), "{o:?} {:?}", r.s.tcp_debug(h));
     // Five segments SACKed above segment 0 and four above segment 2: both are lost (RFC 6675
     // IsLost), and recovery starts before the third duplicate ACK.
     let out = r.send(&sacked([b2, b1, None]));

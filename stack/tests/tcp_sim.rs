@@ -160,10 +160,11 @@ fn transfer_with(
     let mut retransmitted = 0;
     // Bound: ten simulated minutes.
     let trace = std::env::var_os("SIM_TRACE").is_some();
+    let mut last_rtx = 0;
     for ms in 0..600_000u64 {
         sim.step();
         let now = sim.now();
-        if trace && ms % 250 == 0 {
+        if trace && ms % 250 == 0 && std::env::var_os("SIM_TRACE_ALL").is_some() {
             eprintln!("{ms} client {:?}", sim.b.tcp_debug(c));
             eprintln!("{ms} server {:?}", srv.and_then(|h| sim.a.tcp_debug(h)));
         }
@@ -190,6 +191,10 @@ fn transfer_with(
         }
         // Counted until the connection is gone (the slot is freed after close).
         retransmitted = retransmitted.max(sim.b.tcp_retransmitted(c));
+        if trace && sim.b.tcp_retransmitted(c) > last_rtx {
+            last_rtx = sim.b.tcp_retransmitted(c);
+            eprintln!("{ms} retransmit: {:?}", sim.b.tcp_debug(c));
+        }
         if let (Some(h), false) = (srv, s_closed) {
             if let Some(e) = sim.a.tcp_error(h) {
                 return Err(format!(
@@ -303,8 +308,9 @@ fn heavy(seed: u64) -> Impairment {
 }
 
 /// Under 10-20 % loss with long reordering every byte still arrives, and SACK recovery resends
-/// little more than what was lost: retransmitted bytes stay within twice the lost frames' worth
-/// of full segments (go-back-N without SACK exceeds it, see the test below).
+/// little more than what was lost: over all seeds, at most 1.3 times the lost frames' worth of
+/// full segments; per seed, twice that plus 16 segments (reordering longer than an RTT makes
+/// RACK resend some segments that were only late, as it does in Linux).
 #[test]
 fn heavy_loss_sack_recovery_resends_only_holes() {
     let n = std::env::var("SIM_SEEDS")
@@ -338,7 +344,7 @@ fn heavy_loss_sack_recovery_resends_only_holes() {
                         o.lost_frames
                     );
                 }
-                if o.retransmitted > 2 * o.lost_frames * 1448 + 4 * 1448 {
+                if o.retransmitted > 2 * o.lost_frames * 1448 + 16 * 1448 {
                     eprintln!(
                         "seed {seed}: retransmitted {} bytes for {} lost frames",
                         o.retransmitted, o.lost_frames
@@ -354,6 +360,7 @@ fn heavy_loss_sack_recovery_resends_only_holes() {
     }
     eprintln!("heavy loss: retransmitted {rtx} bytes for {lost} bytes of lost frames");
     assert!(failed.is_empty(), "failing seeds: {failed:?}");
+    assert!(rtx * 10 <= lost * 13, "retransmitted {rtx} for {lost} lost");
 }
 
 /// SACK makes the difference: on a link that loses several segments per window, NewReno without

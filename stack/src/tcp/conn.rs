@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::buffer::{RecvBuffer, SendBuffer};
 use super::cc::{Congestion, Controller};
 use super::rtt::RttEstimator;
+use super::scoreboard::{Scoreboard, DUP_THRESH};
 use super::seq::Seq;
 use crate::DropReason;
 
@@ -16,10 +17,6 @@ use crate::DropReason;
 /// (the connection may still have queued an ACK or a challenge ACK in answer).
 pub type Verdict = Option<DropReason>;
 
-/// Most SACKed ranges the sender remembers; more are forgotten (their data is resent).
-const MAX_SACKED: usize = 32;
-/// Duplicate-ACK threshold (RFC 5681, RFC 6675 DupThresh).
-const DUP_THRESH: u32 = 3;
 /// TS.Recent older than this is not used for PAWS (RFC 7323 5.5: 24 days).
 const PAWS_IDLE: Duration = Duration::from_secs(24 * 24 * 3600);
 
@@ -261,10 +258,19 @@ pub struct Conn {
     ts_offset: u32,
     // SACK.
     sack_ok: bool,
-    /// Sender's scoreboard: SACKed ranges above SND.UNA, sorted and disjoint.
-    sacked: Vec<(Seq, Seq)>,
-    /// Next byte a SACK recovery may retransmit (RFC 6675 HighRxt).
-    rxt_next: Seq,
+    /// Sender's scoreboard: segments in flight, SACKed and lost ones, RACK state.
+    board: Scoreboard,
+    /// RACK's reordering timer: look for losses again then.
+    reo_at: Option<Duration>,
+    /// Tail loss probe timer (RFC 8985 7).
+    pto_at: Option<Duration>,
+    /// A tail loss probe is out and not yet answered.
+    tlp_out: bool,
+    /// The probe timer fired: send a probe.
+    send_probe: bool,
+    /// Data went out or an ACK advanced: the probe timer restarts (RFC 8985 7.2). Other
+    /// events (incoming data, say) leave it be, or it would never fire.
+    rearm_probe: bool,
     /// Receiver: a duplicate range to report once as D-SACK (RFC 2883).
     dsack: Option<(Seq, Seq)>,
     /// Receiver: the start of the latest out-of-order segment (its block goes first).
@@ -311,6 +317,12 @@ pub struct Conn {
     pub challenges_suppressed: u64,
     /// D-SACK blocks received (duplicates the peer reported; not counted as SACKed).
     pub dsacks_received: u64,
+    /// Retransmission timeouts.
+    pub timeouts: u64,
+    /// Fast recoveries entered (duplicate ACKs or SACK).
+    pub recoveries: u64,
+    /// Tail loss probes sent.
+    pub probes: u64,
 }
 
 fn ms(d: Duration) -> u32 {
@@ -354,8 +366,12 @@ impl Conn {
             ts_recent_at: Duration::ZERO,
             ts_offset: iss.0.rotate_left(13),
             sack_ok: false,
-            sacked: Vec::new(),
-            rxt_next: iss,
+            board: Scoreboard::default(),
+            reo_at: None,
+            pto_at: None,
+            tlp_out: false,
+            send_probe: false,
+            rearm_probe: false,
             dsack: None,
             last_ooo: None,
             challenge_tokens: cfg.challenge_acks_per_sec,
@@ -387,6 +403,9 @@ impl Conn {
             retransmitted: 0,
             challenges_suppressed: 0,
             dsacks_received: 0,
+            timeouts: 0,
+            recoveries: 0,
+            probes: 0,
             cfg,
         }
     }
@@ -483,10 +502,11 @@ impl Conn {
     /// A one-line summary of the connection's variables, for diagnostics.
     pub fn summary(&self) -> String {
         format!(
-            "{:?} una {:?} nxt {:?} max {:?} wnd {} cwnd {} ssthresh {} rcv_nxt {:?} rwnd {} rto {:?} retries {} recover {:?} dupacks {} sendbuf {} readable {} holes {:?} fin {:?} peer_fin {:?} rto_at {:?} persist_at {:?}",
+            "{:?} una {:?} nxt {:?} max {:?} wnd {} cwnd {} ssthresh {} rcv_nxt {:?} rwnd {} rto {:?} retries {} recover {:?} dupacks {} sendbuf {} readable {} holes {:?} fin {:?} peer_fin {:?} rto_at {:?} persist_at {:?} sack {} sacked {:?} timeouts {} recoveries {} probes {} retransmitted {}",
             self.state, self.snd_una, self.snd_nxt, self.snd_max, self.snd_wnd, self.cwnd, self.ssthresh, self.rcv_nxt,
             self.recv.window(), self.rtt.rto(), self.retries, self.recover, self.dupacks, self.send.len(), self.recv.len(),
-            self.recv.ranges(), self.fin_seq, self.peer_fin, self.rto_at, self.persist_at
+            self.recv.ranges(), self.fin_seq, self.peer_fin, self.rto_at, self.persist_at, self.sack_ok, self.board.sacked_ranges(),
+            self.timeouts, self.recoveries, self.probes, self.retransmitted
         )
     }
 
@@ -837,7 +857,6 @@ impl Conn {
             Some(ack) => {
                 self.snd_una = ack;
                 self.snd_wl2 = ack;
-                self.rxt_next = ack;
                 self.state = State::Established;
                 self.keepalive_at = self.cfg.keepalive.map(|k| now + k.idle);
                 self.rto_at = None;
@@ -881,7 +900,7 @@ impl Conn {
                 }
                 self.mss = m;
                 if !matches!(self.state, State::SynSent | State::SynReceived) {
-                    self.rewind();
+                    self.resend_all();
                     self.rto_at = Some(now + self.rtt.rto());
                 }
                 None
@@ -909,6 +928,17 @@ impl Conn {
         }
     }
 
+    /// Resends everything in flight not SACKed: with SACK, by marking it lost on the
+    /// scoreboard (recovery then resends it as the window allows); without, by going back.
+    fn resend_all(&mut self) {
+        if self.sack_ok {
+            self.board.on_timeout();
+            self.timed = None;
+        } else {
+            self.rewind();
+        }
+    }
+
     /// Goes back to SND.UNA to resend what is in flight (after a timeout or an MTU drop).
     fn rewind(&mut self) {
         self.snd_nxt = self.snd_una;
@@ -920,9 +950,11 @@ impl Conn {
 
     fn process_ack(&mut self, now: Duration, seg: &SegIn, ack: Seq) {
         let mss = u32::from(self.payload_mss());
-        let sacked_before = self.sacked_bytes();
         if self.sack_ok {
-            self.take_sack_blocks(seg, ack);
+            let (blocks, n, dsack) = self.valid_sack_blocks(seg, ack);
+            self.board.on_ack(now, ack, &blocks[..n], dsack);
+        } else if ack > self.snd_una {
+            self.board.on_ack(now, ack, &[], false);
         }
         if ack > self.snd_una {
             let acked = ack - self.snd_una;
@@ -935,9 +967,9 @@ impl Conn {
             if self.snd_nxt < ack {
                 self.snd_nxt = ack;
             }
-            self.rxt_next = self.rxt_next.max(ack);
-            self.prune_sacked();
             self.retries = 0;
+            self.tlp_out = false;
+            self.rearm_probe = true;
             self.rtt_sample(now, seg, ack);
             // Congestion control.
             match self.recover {
@@ -978,21 +1010,18 @@ impl Conn {
             && !seg.fin
             && self.snd_una != self.snd_max
             && u32::from(seg.window) << self.snd_shift == self.snd_wnd
+            && !self.sack_ok
         {
-            // Duplicate ACK (RFC 5681 2).
+            // Duplicate ACK (RFC 5681 2): without SACK, the third starts NewReno recovery.
             self.dupacks += 1;
-            if self.recover.is_none() {
-                // RFC 6675 5 (a): DupThresh duplicates, or more than (DupThresh - 1) segments
-                // SACKed above SND.UNA.
-                let sacked = self.sacked_bytes();
-                if self.dupacks >= DUP_THRESH
-                    || (self.sack_ok && sacked > sacked_before && sacked > (DUP_THRESH - 1) * mss)
-                {
-                    self.enter_recovery();
-                }
-            } else if self.dupacks > DUP_THRESH && !self.sack_ok {
+            if self.recover.is_none() && self.dupacks >= DUP_THRESH {
+                self.enter_recovery();
+            } else if self.dupacks > DUP_THRESH {
                 self.cwnd += mss;
             }
+        }
+        if self.sack_ok {
+            self.detect_loss(now);
         }
         // Window update (RFC 9293 3.10.7.4).
         if self.snd_wl1 < seg.seq || (self.snd_wl1 == seg.seq && self.snd_wl2 <= ack) {
@@ -1005,132 +1034,72 @@ impl Conn {
         }
     }
 
+    /// RACK and RFC 6675 loss detection on the scoreboard; the first loss starts recovery.
+    fn detect_loss(&mut self, now: Duration) {
+        let mss = u32::from(self.payload_mss());
+        let srtt = self.rtt.srtt().unwrap_or(super::rtt::INITIAL_RTO);
+        let (lost, timer) = self
+            .board
+            .detect_loss(now, srtt, self.recover.is_some(), mss);
+        self.reo_at = timer;
+        if lost && self.recover.is_none() {
+            self.enter_recovery();
+        }
+    }
+
     /// Fast retransmit / fast recovery entry (RFC 5681 3.2, RFC 6582, RFC 6675 5).
     fn enter_recovery(&mut self) {
         let mss = u32::from(self.payload_mss());
+        self.recoveries += 1;
+        self.board.on_recovery();
         self.ssthresh = self.cc.on_loss(self.cwnd, self.in_flight(), mss);
         self.recover = Some(self.snd_max);
         if self.sack_ok {
             self.cwnd = self.ssthresh;
-            self.rxt_next = self.snd_una;
         } else {
             self.cwnd = self.ssthresh + 3 * mss;
             self.retransmit_una = true;
         }
     }
 
-    /// Adds the segment's SACK blocks to the scoreboard. A block at or below the cumulative
-    /// ACK, or inside the next block, is a D-SACK (RFC 2883): it reports a duplicate, not
-    /// new data, and is left out. Blocks beyond what we sent are ignored.
-    fn take_sack_blocks(&mut self, seg: &SegIn, ack: Seq) {
+    /// The segment's SACK blocks that tell something new: within what we sent and above the
+    /// cumulative ACK. A first block at or below the cumulative ACK, or inside the second
+    /// block, is a D-SACK (RFC 2883): it reports a duplicate and is returned as the flag.
+    fn valid_sack_blocks(&mut self, seg: &SegIn, ack: Seq) -> ([(Seq, Seq); 3], usize, bool) {
+        let mut out = [(Seq(0), Seq(0)); 3];
+        let mut n = 0;
+        let mut dsack = false;
         let blocks = seg.sack;
         for (i, b) in blocks.iter().enumerate() {
             let Some((l, r)) = *b else { continue };
             if r <= l || r > self.snd_max {
                 continue;
             }
-            let dsack = i == 0
+            if i == 0
                 && (l < ack.max(self.snd_una)
-                    || blocks[1].is_some_and(|(l2, r2)| l2 <= l && r <= r2));
-            if dsack {
+                    || blocks[1].is_some_and(|(l2, r2)| l2 <= l && r <= r2))
+            {
                 self.dsacks_received += 1;
+                dsack = true;
                 continue;
             }
             let l = l.max(ack);
-            if r <= l {
-                continue;
-            }
-            self.insert_sacked(l, r);
-        }
-    }
-
-    fn insert_sacked(&mut self, l: Seq, r: Seq) {
-        let (mut l, mut r) = (l, r);
-        let mut i = 0;
-        while i < self.sacked.len() {
-            let (a, b) = self.sacked[i];
-            if b < l || a > r {
-                i += 1;
-            } else {
-                l = l.min(a);
-                r = r.max(b);
-                self.sacked.remove(i);
+            if r > l {
+                out[n] = (l, r);
+                n += 1;
             }
         }
-        let at = self.sacked.partition_point(|&(a, _)| a < l);
-        self.sacked.insert(at, (l, r));
-        if self.sacked.len() > MAX_SACKED {
-            // Forget the highest range: its data is simply resent if needed.
-            self.sacked.pop();
-        }
+        (out, n, dsack)
     }
 
-    fn prune_sacked(&mut self) {
-        let una = self.snd_una;
-        self.sacked.retain(|&(_, r)| r > una);
-        if let Some(first) = self.sacked.first_mut() {
-            first.0 = first.0.max(una);
-        }
-    }
-
-    fn sacked_bytes(&self) -> u32 {
-        self.sacked.iter().map(|&(l, r)| r - l).sum()
-    }
-
-    /// RFC 6675 IsLost: more than (DupThresh - 1) segments SACKed above `seq`.
-    fn is_lost(&self, seq: Seq) -> bool {
-        let mss = u32::from(self.payload_mss());
-        let above: u32 = self
-            .sacked
-            .iter()
-            .filter(|&&(_, r)| r > seq)
-            .map(|&(l, r)| r - l.max(seq))
-            .sum();
-        above > (DUP_THRESH - 1) * mss
-    }
-
-    /// The holes below the highest SACKed byte, from SND.UNA up.
-    fn holes(&self) -> impl Iterator<Item = (Seq, Seq)> + '_ {
-        let mut prev = self.snd_una;
-        self.sacked.iter().filter_map(move |&(l, r)| {
-            let hole = (prev < l).then_some((prev, l));
-            prev = r;
-            hole
-        })
-    }
-
-    /// RFC 6675 SetPipe: bytes believed in the network.
+    /// Bytes believed in the network: the scoreboard's pipe with SACK, else what was sent
+    /// from SND.UNA up to SND.NXT.
     fn pipe(&self) -> u32 {
-        if self.recover.is_none() || !self.sack_ok {
-            // Outside SACK recovery: what was sent from SND.UNA up to SND.NXT, less SACKed.
-            let sacked: u32 = self
-                .sacked
-                .iter()
-                .filter(|&&(l, _)| l < self.snd_nxt)
-                .map(|&(l, r)| r.min(self.snd_nxt) - l)
-                .sum();
-            return self.in_flight().saturating_sub(sacked);
+        if self.sack_ok {
+            self.board.pipe()
+        } else {
+            self.in_flight()
         }
-        let flight = self.snd_max - self.snd_una;
-        let mut lost = 0;
-        let mut resent = 0;
-        for (l, r) in self.holes() {
-            if self.is_lost(l) {
-                lost += r - l;
-                if self.rxt_next > l {
-                    resent += self.rxt_next.min(r) - l;
-                }
-            }
-        }
-        (flight - self.sacked_bytes() - lost) + resent
-    }
-
-    /// RFC 6675 NextSeg rule 1: the first lost byte range at or after HighRxt, up to `max` bytes.
-    fn next_lost(&self, max: u32) -> Option<(Seq, u32)> {
-        self.holes().find_map(|(l, r)| {
-            let s = l.max(self.rxt_next);
-            (s < r && self.is_lost(s)).then(|| (s, (r - s).min(max)))
-        })
     }
 
     fn rtt_sample(&mut self, now: Duration, seg: &SegIn, ack: Seq) {
@@ -1229,6 +1198,17 @@ impl Conn {
         if self.ack_at.is_some_and(|t| t <= now) {
             self.ack_now = true;
         }
+        if self.reo_at.is_some_and(|t| t <= now) {
+            self.reo_at = None;
+            if self.sack_ok {
+                self.detect_loss(now);
+            }
+        }
+        if self.pto_at.is_some_and(|t| t <= now) {
+            self.pto_at = None;
+            self.send_probe = true;
+            self.tlp_out = true;
+        }
         if self.persist_at.is_some_and(|t| t <= now) {
             self.persist_at = None;
             self.rtt.back_off();
@@ -1252,6 +1232,7 @@ impl Conn {
                 return;
             }
             self.rtt.back_off();
+            self.timeouts += 1;
             self.no_samples_before = Some(now);
             let mss = u32::from(self.payload_mss());
             if !matches!(self.state, State::SynSent | State::SynReceived) {
@@ -1262,14 +1243,19 @@ impl Conn {
                 self.cwnd = mss;
                 self.recover = None;
                 self.dupacks = 0;
+                self.pto_at = None;
+                self.reo_at = None;
+                self.tlp_out = false;
                 // SACKed data is not resent after a timeout (RFC 6675 5.1); a second timeout
-                // in a row may mean the receiver reneged, so the scoreboard is cleared then.
+                // in a row may mean the receiver reneged, so SACK marks are dropped then.
                 if self.retries > 1 {
-                    self.sacked.clear();
+                    self.board.forget_sacks();
                 }
+                // Everything else is lost (RFC 5681 3.1, RFC 6298 5.4, RFC 8985 6.3).
+                self.resend_all();
+            } else {
+                self.rewind();
             }
-            // Go back to SND.UNA (RFC 5681 3.1, RFC 6298 5.4).
-            self.rewind();
             self.syn_sent_once = false;
             // poll_transmit re-arms with the backed-off RTO once it has resent.
             self.rto_at = None;
@@ -1287,6 +1273,8 @@ impl Conn {
             self.persist_at,
             self.time_wait_at,
             keepalive,
+            self.reo_at,
+            self.pto_at,
         ]
         .into_iter()
         .flatten()
@@ -1349,24 +1337,41 @@ impl Conn {
                 out.push(seg);
             }
         }
-        if self.sack_ok && self.recover.is_some() {
-            // RFC 6675 5 (C): while the pipe leaves room, resend lost holes.
+        if self.sack_ok {
+            // RFC 6675 5 (C): while the pipe leaves room, resend what is lost.
             while self.pipe() + mss <= self.cwnd.max(mss) {
-                let Some((seq, len)) = self.next_lost(mss) else {
+                let Some((seq, len)) = self.board.next_lost(mss) else {
                     break;
                 };
-                let off = (seq - self.snd_una) as usize;
-                let len = len.min((self.send.len() - off.min(self.send.len())) as u32) as usize;
-                if len == 0 {
-                    break;
-                }
-                let seg = self.data_seg(now, seq, off, len, false);
-                self.retransmitted += len as u64;
-                self.rxt_next = seq + len as u32;
-                out.push(seg);
+                self.resend(now, seq, len, out);
             }
         }
+        let sent_before = out.len();
         self.send_data(now, out);
+        if std::mem::take(&mut self.send_probe) && out.len() == sent_before {
+            // Tail loss probe (RFC 8985 7.3): new data if the window allows, else the last
+            // segment again, so that the peer's answer (with SACK) shows what is missing. In a
+            // stalled recovery, the first lost segment.
+            self.probes += 1;
+            let room = (self.snd_wnd as usize).saturating_sub(self.in_flight() as usize);
+            let sent_data = self.in_flight() as usize
+                - usize::from(self.fin_seq.is_some_and(|f| f >= self.snd_una));
+            let unsent = self.send.len().saturating_sub(sent_data);
+            if let Some((seq, len)) = self.board.next_lost(mss) {
+                self.resend(now, seq, len, out);
+            } else if unsent > 0 && room > 0 {
+                let len = unsent.min(room).min(mss as usize);
+                let seq = self.snd_nxt;
+                let seg = self.data_seg(now, seq, sent_data, len, false);
+                self.board.on_send(seq, seq + len as u32, now);
+                self.snd_nxt = seq + len as u32;
+                self.snd_max = self.snd_max.max(self.snd_nxt);
+                out.push(seg);
+            } else if let Some((seq, len)) = self.board.last() {
+                self.resend(now, seq, len.min(mss), out);
+            }
+            self.rto_at = Some(now + self.rtt.rto());
+        }
         if std::mem::take(&mut self.send_keepalive) && out.len() == before {
             // A keepalive probe: one sequence number below SND.UNA, so the peer must answer
             // with an ACK (RFC 1122 4.2.3.6).
@@ -1392,6 +1397,7 @@ impl Conn {
         if self.snd_una != self.snd_max && self.rto_at.is_none() {
             self.rto_at = Some(now + self.rtt.rto());
         }
+        self.arm_probe(now);
         // Zero window with data waiting and nothing in flight: probe later.
         if self.snd_wnd == 0
             && self.snd_una == self.snd_max
@@ -1400,6 +1406,50 @@ impl Conn {
         {
             self.persist_at = Some(now + self.rtt.rto());
         }
+    }
+
+    /// Resends `len` bytes from `seq` (a segment on the scoreboard; its FIN too if it holds
+    /// ours).
+    fn resend(&mut self, now: Duration, seq: Seq, len: u32, out: &mut Vec<SegOut>) {
+        let off = (seq - self.snd_una) as usize;
+        let data = (len as usize).min(self.send.len().saturating_sub(off));
+        let fin = self
+            .fin_seq
+            .is_some_and(|f| f >= seq && f < seq + len && f == seq + data as u32);
+        let seg = self.data_seg(now, seq, off, data, fin);
+        self.board
+            .on_send(seq, seq + data as u32 + u32::from(fin), now);
+        self.retransmitted += data as u64;
+        out.push(seg);
+    }
+
+    /// Arms the tail loss probe (RFC 8985 7.2) while data is in flight: two smoothed RTTs
+    /// (plus the peer's delayed-ACK time when one segment is out), before the RTO.
+    ///
+    /// Unlike RFC 8985, which probes only outside recovery, a recovery that stalls is probed
+    /// too, once until the next cumulative ACK: its last segments or their ACKs went missing,
+    /// or the window is full of segments that will never be acknowledged while lost ones wait.
+    /// With the small windows heavy loss leaves, that is the common case, and the probe (the
+    /// first lost segment, else new data, else the last segment) turns a 200 ms timeout into a
+    /// round trip.
+    fn arm_probe(&mut self, now: Duration) {
+        let eligible = self.sack_ok
+            && matches!(self.state, State::Established | State::CloseWait)
+            && !self.tlp_out
+            && !self.board.is_empty();
+        let Some(srtt) = self.rtt.srtt().filter(|_| eligible) else {
+            self.pto_at = None;
+            return;
+        };
+        if !std::mem::take(&mut self.rearm_probe) && self.pto_at.is_some() {
+            return;
+        }
+        let mut pto = (srtt * 2).max(Duration::from_millis(10));
+        if self.board.len() == 1 {
+            pto += self.cfg.delayed_ack;
+        }
+        let at = now + pto;
+        self.pto_at = Some(self.rto_at.map_or(at, |r| at.min(r)));
     }
 
     /// SACK blocks for an outgoing ACK: a pending D-SACK first, then the block holding the
@@ -1469,13 +1519,9 @@ impl Conn {
     fn send_data(&mut self, now: Duration, out: &mut Vec<SegOut>) {
         let mss = self.seg_limit() as usize;
         loop {
-            // After a timeout SND.NXT walks up again from SND.UNA: skip what the peer SACKed.
-            if let Some(&(_, r)) = self
-                .sacked
-                .iter()
-                .find(|&&(l, r)| l <= self.snd_nxt && self.snd_nxt < r)
-            {
-                self.snd_nxt = r;
+            // Going back from SND.UNA, skip what the peer SACKed.
+            if let Some(end) = self.board.sacked_run_end(self.snd_nxt) {
+                self.snd_nxt = end;
             }
             let sent = (self.snd_nxt - self.snd_una) as usize;
             let fin_in_flight = self
@@ -1488,7 +1534,7 @@ impl Conn {
             let cc_room = self.cwnd.saturating_sub(self.pipe()) as usize;
             let mut len = unsent.min(wnd_room).min(cc_room).min(mss);
             // Do not run into a SACKed range when resending.
-            if let Some(&(l, _)) = self.sacked.iter().find(|&&(l, _)| l > self.snd_nxt) {
+            if let Some(l) = self.board.next_sacked_after(self.snd_nxt) {
                 len = len.min((l - self.snd_nxt) as usize);
             }
             let want_fin = self.close_requested && self.fin_seq.is_none() && len == unsent;
@@ -1514,6 +1560,8 @@ impl Conn {
                 self.retransmitted += len as u64;
             }
             self.snd_nxt = seq + len as u32 + u32::from(want_fin);
+            self.board.on_send(seq, self.snd_nxt, now);
+            self.rearm_probe = true;
             self.snd_max = self.snd_max.max(self.snd_nxt);
             if want_fin {
                 self.fin_seq = Some(seq + len as u32);

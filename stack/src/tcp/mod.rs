@@ -6,5 +6,6 @@ pub mod cc;
 pub mod conn;
 pub mod cookie;
 pub mod rtt;
+pub mod scoreboard;
 pub mod seq;
 pub mod wheel;

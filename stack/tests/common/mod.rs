@@ -45,6 +45,16 @@ impl Running {
         prefixes: &[&str],
         setup: impl FnOnce(&mut Stack) -> App + Send + 'static,
     ) -> Running {
+        Self::start_cfg(tap, prefixes, |_| {}, setup)
+    }
+
+    /// Like `start_dev`, with the configuration adjusted by `tweak` first.
+    pub fn start_cfg(
+        tap: Box<dyn Device>,
+        prefixes: &[&str],
+        tweak: impl FnOnce(&mut Config) + Send + 'static,
+        setup: impl FnOnce(&mut Stack) -> App + Send + 'static,
+    ) -> Running {
         let prefixes: Vec<IpNet> = prefixes.iter().map(|p| p.parse().unwrap()).collect();
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
@@ -52,6 +62,7 @@ impl Running {
         let thread = std::thread::spawn(move || {
             let mut cfg = Config::new(mac, prefixes);
             cfg.hash_key = Some(HashKey([8; 16]));
+            tweak(&mut cfg);
             let mut stack = Stack::new(cfg).unwrap();
             let mut app = setup(&mut stack);
             let clock = SystemClock::new();
