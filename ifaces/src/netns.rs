@@ -246,8 +246,11 @@ pub enum Hook {
 
 /// Kernel-side random loss without netem: an nftables netdev rule on `dev` that drops `percent`
 /// of the TCP packets at `hook` (`numgen random mod 100 < percent`; 100 or more drops all). Removed
-/// with the namespace,
-/// or by [`nft_loss_clear`].
+/// with the namespace, or by [`nft_loss_clear`].
+///
+/// Only [`Hook::Ingress`] makes a real loss. A drop at [`Hook::Egress`] is reported back to the
+/// kernel socket that sent the segment, as a local transmit failure: it sends the segment again
+/// as new and counts no loss (its `RetransSegs` stays 0), so the peer never sees one.
 pub fn nft_loss(dev: &str, hook: Hook, percent: u32) -> io::Result<()> {
     let h = match hook {
         Hook::Egress => "egress",

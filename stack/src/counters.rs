@@ -111,6 +111,8 @@ pub struct Counters {
     pub reassembled: u64,
     /// TCP connections that skipped TIME-WAIT because the limit was reached.
     pub tcp_time_wait_skipped: u64,
+    /// TIME-WAIT connections ended early by a newer SYN for their 4-tuple (RFC 6191).
+    pub tcp_time_wait_reused: u64,
     /// SYN-ACKs sent with a SYN cookie (a listener's SYN queue was full).
     pub tcp_syncookies_sent: u64,
     /// Connections created from a valid SYN cookie.

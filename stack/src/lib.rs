@@ -21,6 +21,7 @@ pub mod poll;
 pub mod tcp;
 mod tcp_glue;
 
+pub use tcp::cc::Congestion;
 pub use tcp::conn::{Keepalive, State as TcpState, TcpConfig, TcpError};
 pub use tcp_glue::{ConnectError, IoError, TcpHandle, TcpListenerHandle};
 

@@ -12,6 +12,7 @@ use smoltcp::wire::{IpProtocol, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber};
 use subnetstack_demux::{BindError, Binding, BindingId, Flow, ListenerId, PortSpec, Protocol};
 use subnetstack_ifaces::{Csum, FrameMeta};
 
+use crate::tcp::cc::Congestion;
 use crate::tcp::conn::{window_shift, Conn, Keepalive, SegIn, SegOut, State, TcpConfig, TcpError};
 use crate::tcp::cookie::{CookieJar, PERIOD};
 use crate::tcp::seq::Seq;
@@ -383,6 +384,19 @@ impl Stack {
         let local = SocketAddr::new(ip.dst, repr.dst_port);
         let remote = SocketAddr::new(ip.src, repr.src_port);
         if let Some(&idx) = self.tcp.table.get(&(local, remote)) {
+            // A new SYN for a connection in TIME-WAIT that is provably newer (RFC 6191): the
+            // old incarnation ends and the SYN goes to the listeners.
+            let reuse = self.tcp.socks[idx as usize]
+                .as_ref()
+                .is_some_and(|s| s.conn.takes_new_syn(&seg));
+            if reuse {
+                if let Some(Some(s)) = self.tcp.socks.get_mut(idx as usize) {
+                    s.conn.force_close();
+                }
+                self.counters.tcp_time_wait_reused += 1;
+                self.tcp_after(now, idx);
+                return self.rx_tcp_new(now, local, remote, &seg);
+            }
             let mut out = std::mem::take(&mut self.tcp.out);
             if let Some(Some(s)) = self.tcp.socks.get_mut(idx as usize) {
                 if let Some(r) = s.conn.on_segment(now, &seg, &mut out) {
@@ -395,6 +409,11 @@ impl Stack {
             self.tcp.out = out;
             return self.tcp_after(now, idx);
         }
+        self.rx_tcp_new(now, local, remote, &seg);
+    }
+
+    /// A segment that matches no connection: a SYN for a listener, a cookie ACK, or a stray.
+    fn rx_tcp_new(&mut self, now: Duration, local: SocketAddr, remote: SocketAddr, seg: &SegIn) {
         if seg.rst {
             return self.drop(DropReason::TcpNoConnection);
         }
@@ -403,11 +422,11 @@ impl Stack {
         if seg.syn && seg.ack.is_none() {
             let hit = self.demux.snapshot().lookup(Protocol::Tcp, &flow);
             if let Some(hit) = hit {
-                return self.tcp_syn(now, hit.listener.0 as u32, local, remote, &seg);
+                return self.tcp_syn(now, hit.listener.0 as u32, local, remote, seg);
             }
             self.drop(DropReason::TcpNoBinding);
         } else if let (Some(ack), false) = (seg.ack, seg.syn) {
-            match self.tcp_cookie_ack(now, &flow, local, remote, &seg, ack) {
+            match self.tcp_cookie_ack(now, &flow, local, remote, seg, ack) {
                 CookieAck::Created => return,
                 // Like Linux: no RST, the client's retransmission may find room.
                 CookieAck::AcceptQueueFull => return self.drop(DropReason::TcpListenOverflow),
@@ -911,6 +930,13 @@ impl Stack {
     /// Switches Nagle's algorithm off (`nodelay = true`) or on.
     pub fn tcp_set_nodelay(&mut self, h: TcpHandle, nodelay: bool) -> Result<(), IoError> {
         self.tcp_sock(h)?.conn.set_nagle(!nodelay);
+        Ok(())
+    }
+
+    /// Chooses a connection's congestion controller (the stack's default is
+    /// [`TcpConfig::congestion`]).
+    pub fn tcp_set_congestion(&mut self, h: TcpHandle, algo: Congestion) -> Result<(), IoError> {
+        self.tcp_sock(h)?.conn.set_congestion(algo);
         Ok(())
     }
 

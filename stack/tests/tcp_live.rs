@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use common::{addresses, Running};
 use ipnet::IpNet;
+use sha2::{Digest, Sha256};
 use subnetstack_demux::PortSpec;
 use subnetstack_ifaces::impair::{ImpairConfig, Impaired, Impairment};
 use subnetstack_ifaces::netns::{self, TapEnvConfig};
@@ -217,7 +218,10 @@ fn echo_bulk(run: Running, dst: &str, size: usize) -> f64 {
     }
     writer.join().unwrap();
     let secs = t0.elapsed().as_secs_f64();
-    assert!(back == data, "echoed {} of {size} bytes intact", back.len());
+    let (sent, got) = (Sha256::digest(&data), Sha256::digest(&back));
+    assert_eq!(back.len(), size, "echoed {} of {size} bytes", back.len());
+    assert_eq!(sent, got, "SHA-256 of what was sent and what came back");
+    println!("SHA-256 both ways: {sent:x}");
     let stack = run.stop();
     println!("stack: {}", stack.counters());
     for c in stack.tcp_debug_all() {

@@ -1375,3 +1375,84 @@ fn a_closing_listener_hands_its_queue_to_a_reuseport_sibling_and_the_last_resets
         "{out:?}"
     );
 }
+
+/// A connection (peer timestamps on, `ts` the peer's clock) that the stack closed first and that
+/// sits in TIME-WAIT; returns the rig.
+fn in_time_wait(ts: u32) -> Rig {
+    let syn = TcpRepr {
+        timestamp: Some(TcpTimestampRepr::new(ts, 0)),
+        ..seg(TcpControl::Syn, 1000, None, &[])
+    };
+    let (mut r, iss1, h) = established_with(syn);
+    r.s.tcp_close(r.now, h);
+    r.out();
+    let with_ts = |control, seq| TcpRepr {
+        timestamp: Some(TcpTimestampRepr::new(ts + 2, 0)),
+        ..seg(control, seq, Some(iss1 + 1), &[])
+    };
+    r.send(&with_ts(TcpControl::None, 1001));
+    r.send(&with_ts(TcpControl::Fin, 1001));
+    assert_eq!(r.s.tcp_connections(), 1);
+    r
+}
+
+#[test]
+fn a_newer_syn_ends_time_wait_early_and_an_older_one_does_not() {
+    // Newer timestamp: the old incarnation goes, the listener answers (RFC 6191).
+    let mut r = in_time_wait(100);
+    let newer = TcpRepr {
+        timestamp: Some(TcpTimestampRepr::new(500, 0)),
+        ..seg(TcpControl::Syn, 500, None, &[])
+    };
+    let out = r.send(&newer);
+    assert!(
+        out.len() == 1 && out[0].syn && out[0].ack == Some(501),
+        "{out:?}"
+    );
+    assert_eq!(r.s.counters().tcp_time_wait_reused, 1);
+    // Same or older timestamp: TIME-WAIT holds; the SYN gets a challenge ACK.
+    let mut r = in_time_wait(100);
+    let older = TcpRepr {
+        timestamp: Some(TcpTimestampRepr::new(102, 0)),
+        ..seg(TcpControl::Syn, 9000, None, &[])
+    };
+    let out = r.send(&older);
+    assert!(
+        out.len() == 1 && !out[0].syn && out[0].ack == Some(1002),
+        "{out:?}"
+    );
+    assert_eq!(r.s.counters().tcp_time_wait_reused, 0);
+}
+
+#[test]
+fn congestion_control_is_chosen_per_connection() {
+    use subnetstack_stack::Congestion;
+    // The same loss on two connections: NewReno halves the flight, CUBIC keeps 70 % of cwnd.
+    let ssthresh_after_loss = |algo| {
+        let (mut r, iss1, h) = established_with(sack_syn());
+        r.s.tcp_set_congestion(h, algo).unwrap();
+        r.s.tcp_set_nodelay(h, true).unwrap();
+        r.s.tcp_send(r.now, h, &vec![1u8; 10 * 536]).unwrap();
+        assert_eq!(r.out().len(), 10);
+        r.now += Duration::from_millis(5);
+        let at = |k: i32| (iss1 + k * 536) as u32;
+        let sack = TcpRepr {
+            sack_ranges: [Some((at(1), at(10))), None, None],
+            ..seg(TcpControl::None, 1001, Some(iss1), &[])
+        };
+        r.send(&sack);
+        let dbg = r.s.tcp_debug(h).unwrap();
+        let v: u32 = dbg
+            .split("ssthresh ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        v
+    };
+    assert_eq!(ssthresh_after_loss(Congestion::NewReno), 5 * 536);
+    assert_eq!(ssthresh_after_loss(Congestion::Cubic), 7 * 536);
+}

@@ -594,6 +594,25 @@ impl Conn {
         self.keepalive_at = k.map(|k| now + k.idle);
     }
 
+    /// Whether `syn`, a new SYN for this 4-tuple, may end this connection's TIME-WAIT: its
+    /// timestamp is newer than the last one seen (RFC 6191), or, without timestamps, its
+    /// sequence number is beyond what this incarnation used (RFC 1122 4.2.2.13).
+    pub fn takes_new_syn(&self, syn: &SegIn) -> bool {
+        if self.state != State::TimeWait || !syn.syn || syn.ack.is_some() || syn.rst {
+            return false;
+        }
+        match (self.ts_ok, syn.ts) {
+            (true, Some((tsval, _))) => (tsval.wrapping_sub(self.ts_recent) as i32) > 0,
+            (true, None) => false,
+            (false, _) => syn.seq > self.rcv_nxt,
+        }
+    }
+
+    /// Sets the congestion controller (a new one starts from the current window).
+    pub fn set_congestion(&mut self, algo: Congestion) {
+        self.cc = Controller::new(algo);
+    }
+
     /// Ends the connection at once (used to skip TIME-WAIT when too many are held).
     pub fn force_close(&mut self) {
         self.state = State::Closed;
