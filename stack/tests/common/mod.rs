@@ -8,11 +8,14 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use ipnet::IpNet;
+use std::collections::HashMap;
 use subnetstack_demux::HashKey;
 use subnetstack_ifaces::tap::Tap;
 use subnetstack_ifaces::{Clock, Device, SystemClock};
 use subnetstack_stack::poll::Driver;
-use subnetstack_stack::{Config, Stack};
+
+use subnetstack_demux::PortSpec;
+use subnetstack_stack::{Config, Stack, TcpHandle, TcpListenerHandle};
 
 pub const LOCAL: [&str; 3] = ["198.18.1.0/24", "198.18.2.0/23", "2001:db8:100::/48"];
 
@@ -124,4 +127,95 @@ pub fn addresses(net: &str, n: usize, seed: u64) -> Vec<IpAddr> {
         }
     }
     out
+}
+
+/// Per-connection state of the servers below.
+struct Served {
+    kind: &'static str,
+    local: SocketAddr,
+    inbuf: Vec<u8>,
+    out: Vec<u8>,
+    sent: usize,
+    closing: bool,
+}
+
+/// Echo on one listener and an HTTP-like responder on two (the nested one answers with its own
+/// tag), all inside the stack's poll loop.
+pub fn servers(s: &mut Stack) -> App {
+    let listen = |s: &mut Stack, net: &str, port: u16| {
+        s.tcp_listen(
+            net.parse().unwrap(),
+            PortSpec::exact(port).unwrap(),
+            false,
+            128,
+        )
+        .unwrap()
+    };
+    let listeners: Vec<(TcpListenerHandle, &'static str)> = vec![
+        (listen(s, "198.18.0.0/16", 7), "echo"),
+        (listen(s, "198.18.0.0/16", 80), "wide"),
+        (listen(s, "198.18.5.0/24", 80), "nested"),
+        (listen(s, "2001:db8:100::/48", 7), "echo"),
+    ];
+    let mut conns: HashMap<TcpHandle, Served> = HashMap::new();
+    Box::new(move |s: &mut Stack, now| {
+        for &(l, kind) in &listeners {
+            while let Some((h, local, _)) = s.tcp_accept(l) {
+                conns.insert(
+                    h,
+                    Served {
+                        kind,
+                        local,
+                        inbuf: Vec::new(),
+                        out: Vec::new(),
+                        sent: 0,
+                        closing: false,
+                    },
+                );
+            }
+        }
+        let mut done = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        for (&h, c) in conns.iter_mut() {
+            let mut eof = false;
+            loop {
+                match s.tcp_recv(now, h, &mut buf) {
+                    Ok(0) => {
+                        eof = true;
+                        break;
+                    }
+                    Ok(n) => c.inbuf.extend_from_slice(&buf[..n]),
+                    Err(_) => break,
+                }
+            }
+            if c.kind == "echo" {
+                c.out.append(&mut c.inbuf);
+            } else if !c.closing && c.inbuf.windows(4).any(|w| w == b"\r\n\r\n") {
+                c.out.extend_from_slice(
+                    format!("HTTP/1.0 200 OK\r\n\r\n{} {}", c.kind, c.local.ip()).as_bytes(),
+                );
+                c.closing = true;
+            }
+            while c.sent < c.out.len() {
+                match s.tcp_send(now, h, &c.out[c.sent..]) {
+                    Ok(n) => c.sent += n,
+                    Err(_) => break,
+                }
+            }
+            if c.sent == c.out.len() {
+                c.out.clear();
+                c.sent = 0;
+                if eof || c.closing {
+                    s.tcp_close(now, h);
+                    done.push(h);
+                }
+            }
+            if s.tcp_error(h).is_some() {
+                done.push(h);
+            }
+        }
+        for h in done {
+            conns.remove(&h);
+        }
+    })
 }
