@@ -1,9 +1,16 @@
 //! subnetstack: a userspace TCP/IP stack whose listeners bind to subnets.
 //!
-//! This facade re-exports the member crates: the subnet demux ([`demux`]), the frame devices
-//! ([`ifaces`]) and the protocol core ([`stack`]); TCP and the runtime join them issue by issue
-//! (see the README).
+//! Start a [`Runtime`] on a TAP (or any [`ifaces::Device`]) with the local prefixes it owns,
+//! then use [`TcpListener`], [`TcpStream`] and [`UdpSocket`] as with `std::net`, only bound to
+//! `(prefix, ports)`. Underneath: the subnet demux ([`demux`]), the frame devices ([`ifaces`])
+//! and the sans-IO protocol core ([`stack`]), usable on their own.
 #![warn(missing_docs)]
+
+mod net;
+mod runtime;
+
+pub use net::{ListenOptions, TcpListener, TcpStream, UdpSocket};
+pub use runtime::{Builder, PollMode, Runtime};
 
 /// The subnet demux: bindings, longest-prefix lookup, reuseport selection, explain.
 pub use subnetstack_demux as demux;
@@ -11,7 +18,7 @@ pub use subnetstack_demux as demux;
 /// Frame devices: TAP, memory pair, impairment, pcap capture, private-namespace harness.
 pub use subnetstack_ifaces as ifaces;
 
-/// The sans-IO protocol core: Ethernet, ARP, NDP, IPv4/IPv6, ICMP, UDP.
+/// The sans-IO protocol core: Ethernet, ARP, NDP, IPv4/IPv6, ICMP, UDP, TCP.
 pub use subnetstack_stack as stack;
 
 /// The README's code blocks, compiled and run as doctests so that they stay true.

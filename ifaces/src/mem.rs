@@ -3,6 +3,8 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -62,9 +64,50 @@ struct Shared {
     dirs: [Dir; 2],
 }
 
+/// An `eventfd` per direction, readable while frames wait in it, so that a receiver can sleep
+/// in `poll(2)` as on a TAP.
+/// Each bell is written only when it was quiet, and read only when it was rung, so that busy
+/// simulations make no system calls for it.
+#[derive(Debug)]
+struct Bells([OwnedFd; 2], [AtomicBool; 2]);
+
+impl Bells {
+    fn new() -> io::Result<Bells> {
+        let one = || {
+            // SAFETY: plain eventfd(2); the fd is owned at once.
+            let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: a fresh fd nobody else owns.
+            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        };
+        Ok(Bells([one()?, one()?], Default::default()))
+    }
+
+    fn ring(&self, dir: usize) {
+        if self.1[dir].swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let v = 1u64.to_ne_bytes();
+        // SAFETY: 8 bytes from a valid buffer to our eventfd.
+        unsafe { libc::write(self.0[dir].as_raw_fd(), v.as_ptr().cast(), 8) };
+    }
+
+    fn quiet(&self, dir: usize) {
+        if !self.1[dir].swap(false, Ordering::SeqCst) {
+            return;
+        }
+        let mut v = [0u8; 8];
+        // SAFETY: 8 bytes into a valid buffer from our non-blocking eventfd.
+        unsafe { libc::read(self.0[dir].as_raw_fd(), v.as_mut_ptr().cast(), 8) };
+    }
+}
+
 /// One end of a memory pair.
 pub struct MemDevice {
     shared: Arc<Mutex<Shared>>,
+    bells: Arc<Bells>,
     side: usize,
     info: DeviceInfo,
     clock: Arc<dyn Clock>,
@@ -80,8 +123,10 @@ impl std::fmt::Debug for MemDevice {
 
 /// Two connected ends: what A sends, B receives, and the other way.
 pub fn pair(cfg: LinkConfig, clock: Arc<dyn Clock>) -> (MemDevice, MemDevice) {
+    let bells = Arc::new(Bells::new().expect("eventfd"));
     let mk = |side: usize, mac: Mac, shared: &Arc<Mutex<Shared>>| MemDevice {
         shared: shared.clone(),
+        bells: bells.clone(),
         side,
         info: DeviceInfo {
             name: format!("mem{}", ["a", "b"][side]),
@@ -119,6 +164,8 @@ impl Device for MemDevice {
 
     fn recv(&mut self, batch: &mut Batch) -> io::Result<usize> {
         let now = self.clock.now();
+        // Quiet the bell before looking, so that a frame queued meanwhile rings it again.
+        self.bells.quiet(1 - self.side);
         let mut sh = self.shared.lock().expect("link lock");
         let dir = &mut sh.dirs[1 - self.side];
         let mut got = 0;
@@ -169,7 +216,13 @@ impl Device for MemDevice {
                 .push_back((dir.free_at + cfg.latency, buf, f.meta));
             dir.stats.sent += 1;
         }
+        drop(sh);
+        self.bells.ring(self.side);
         Ok(frames.len())
+    }
+
+    fn poll_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.bells.0[1 - self.side].as_fd())
     }
 
     fn next_deadline(&self) -> Option<Duration> {

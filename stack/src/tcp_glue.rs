@@ -986,6 +986,16 @@ impl Stack {
         self.tcp_after(now, h.0);
     }
 
+    /// A connection's local address (the one the client targeted, for accepted connections).
+    pub fn tcp_local_addr(&self, h: TcpHandle) -> Option<SocketAddr> {
+        self.tcp.socks.get(h.0 as usize)?.as_ref().map(|s| s.local)
+    }
+
+    /// A connection's peer address.
+    pub fn tcp_peer_addr(&self, h: TcpHandle) -> Option<SocketAddr> {
+        self.tcp.socks.get(h.0 as usize)?.as_ref().map(|s| s.remote)
+    }
+
     /// A one-line summary of a connection's TCP variables (diagnostics).
     pub fn tcp_debug(&self, h: TcpHandle) -> Option<String> {
         self.tcp

@@ -1,0 +1,915 @@
+//! The runtime: a [`Stack`] on a poll thread over a device, and the plumbing that lets
+//! application threads use it through [`TcpListener`](crate::TcpListener),
+//! [`TcpStream`](crate::TcpStream) and [`UdpSocket`](crate::UdpSocket).
+//!
+//! Application threads and the poll thread meet in three places: a bounded command channel
+//! (`crossbeam`) for control (listen, connect, bind, send a datagram), one pair of bounded byte
+//! rings per connection (the poll thread moves bytes between them and the connection, the
+//! application reads and writes them), and an `eventfd` that wakes the poll thread when it
+//! sleeps. Rings and queues are bounded: a full ring makes the writer wait (or time out), never
+//! buffer more.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use ipnet::IpNet;
+use subnetstack_demux::{BindError, BindPolicy, HashKey, PortSpec};
+use subnetstack_ifaces::pcap::Capture;
+use subnetstack_ifaces::tap::{Tap, TapConfig};
+use subnetstack_ifaces::{Clock, Device, Mac, SystemClock};
+use subnetstack_stack::poll::Driver;
+use subnetstack_stack::{
+    Config, ConnectError, Counters, IoError, SendError, Stack, TcpConfig, TcpError, TcpHandle,
+    TcpListenerHandle, TcpState, UdpHandle,
+};
+
+/// How the poll thread waits for work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PollMode {
+    /// Never sleeps: lowest latency, one core at 100 %.
+    Busy,
+    /// Spins for this long after the last work, then sleeps on the device and the wakeup fd.
+    /// The default (50 µs): about no CPU when idle, little latency under load.
+    Adaptive(Duration),
+    /// Sleeps whenever there is nothing to do.
+    Blocking,
+}
+
+impl Default for PollMode {
+    fn default() -> Self {
+        PollMode::Adaptive(Duration::from_micros(50))
+    }
+}
+
+/// Configures and starts a [`Runtime`].
+pub struct Builder {
+    prefixes: Vec<IpNet>,
+    tap: Option<TapConfig>,
+    device: Option<Box<dyn Device>>,
+    mac: Option<Mac>,
+    gateway_v4: Option<Ipv4Addr>,
+    gateway_v6: Option<Ipv6Addr>,
+    tcp: TcpConfig,
+    bind_policy: BindPolicy,
+    poll: PollMode,
+    pcap: Option<PathBuf>,
+    hash_key: Option<HashKey>,
+    ring: usize,
+    grace: Duration,
+}
+
+impl std::fmt::Debug for Builder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder")
+            .field("prefixes", &self.prefixes)
+            .field("tap", &self.tap.as_ref().map(|t| &t.name))
+            .field("poll", &self.poll)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            prefixes: Vec::new(),
+            tap: None,
+            device: None,
+            mac: None,
+            gateway_v4: None,
+            gateway_v6: None,
+            tcp: TcpConfig::default(),
+            bind_policy: BindPolicy::default(),
+            poll: PollMode::default(),
+            pcap: None,
+            hash_key: None,
+            ring: 256 * 1024,
+            grace: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Builder {
+    /// Adds a local prefix: the stack answers for every address in it.
+    pub fn prefix(mut self, p: IpNet) -> Self {
+        self.prefixes.push(p);
+        self
+    }
+
+    /// Runs on the TAP interface `name` (created if absent, attached if it exists; the caller
+    /// configures the kernel side).
+    pub fn tap(mut self, name: &str) -> Self {
+        self.tap = Some(TapConfig::new(name));
+        self
+    }
+
+    /// Runs on a TAP opened with this configuration (queues, offloads, MAC).
+    pub fn tap_config(mut self, cfg: TapConfig) -> Self {
+        self.tap = Some(cfg);
+        self
+    }
+
+    /// Runs on an already opened device (a TAP queue, a memory pair end, an impaired device).
+    pub fn device(mut self, dev: Box<dyn Device>) -> Self {
+        self.device = Some(dev);
+        self
+    }
+
+    /// The stack's MAC (default: the device's).
+    pub fn mac(mut self, mac: Mac) -> Self {
+        self.mac = Some(mac);
+        self
+    }
+
+    /// Next hop for IPv4 destinations outside the local prefixes.
+    pub fn gateway_v4(mut self, g: Ipv4Addr) -> Self {
+        self.gateway_v4 = Some(g);
+        self
+    }
+
+    /// Next hop for IPv6 destinations outside the local prefixes.
+    pub fn gateway_v6(mut self, g: Ipv6Addr) -> Self {
+        self.gateway_v6 = Some(g);
+        self
+    }
+
+    /// TCP settings (buffers, congestion control, SYN cookies, timers).
+    pub fn tcp(mut self, cfg: TcpConfig) -> Self {
+        self.tcp = cfg;
+        self
+    }
+
+    /// How overlapping bindings are judged (see the README's bind semantics).
+    pub fn bind_policy(mut self, p: BindPolicy) -> Self {
+        self.bind_policy = p;
+        self
+    }
+
+    /// How the poll thread waits.
+    pub fn poll_mode(mut self, m: PollMode) -> Self {
+        self.poll = m;
+        self
+    }
+
+    /// Writes every frame in and out to this pcap file.
+    pub fn pcap(mut self, path: impl Into<PathBuf>) -> Self {
+        self.pcap = Some(path.into());
+        self
+    }
+
+    /// A fixed flow-hash key (reproducible reuseport choices in tests); random by default.
+    pub fn hash_key(mut self, k: HashKey) -> Self {
+        self.hash_key = Some(k);
+        self
+    }
+
+    /// Bytes each direction of a [`TcpStream`](crate::TcpStream) may hold between the
+    /// application and the poll thread (default 256 KiB).
+    pub fn stream_ring(mut self, bytes: usize) -> Self {
+        self.ring = bytes.max(1);
+        self
+    }
+
+    /// How long [`Runtime::shutdown`] lets open connections drain (default 5 s).
+    pub fn shutdown_grace(mut self, d: Duration) -> Self {
+        self.grace = d;
+        self
+    }
+
+    /// Opens the device and starts the poll thread.
+    pub fn start(self) -> io::Result<Runtime> {
+        let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
+        if self.prefixes.is_empty() {
+            return Err(invalid("no local prefixes".into()));
+        }
+        let dev: Box<dyn Device> = match (self.device, &self.tap) {
+            (Some(d), _) => d,
+            (None, Some(cfg)) => Box::new(
+                Tap::open(cfg)?
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| invalid("no TAP queue".into()))?,
+            ),
+            (None, None) => return Err(invalid("no device: call tap() or device()".into())),
+        };
+        let dev: Box<dyn Device> = match &self.pcap {
+            Some(p) => Box::new(Capture::new(dev, p, Arc::new(SystemClock::new()))?),
+            None => dev,
+        };
+        let mac = self.mac.unwrap_or(dev.info().mac);
+        let mut cfg = Config::new(mac, self.prefixes.clone());
+        cfg.gateway_v4 = self.gateway_v4;
+        cfg.gateway_v6 = self.gateway_v6;
+        cfg.tcp = self.tcp.clone();
+        cfg.bind_policy = self.bind_policy;
+        cfg.hash_key = self.hash_key;
+        let stack = Stack::new(cfg).map_err(|e| invalid(format!("{e:?}")))?;
+        let (tx, rx) = bounded(4096);
+        let shared = Arc::new(Shared {
+            cmds: tx,
+            waker: Waker::new()?,
+            stop: AtomicBool::new(false),
+            running: AtomicBool::new(true),
+            counters: Mutex::new(Counters::default()),
+            ring: self.ring,
+        });
+        let sh = shared.clone();
+        let (poll, grace) = (self.poll, self.grace);
+        let thread = std::thread::Builder::new()
+            .name("subnetstack-shard".into())
+            .spawn(move || {
+                let mut shard = Shard::new(stack, dev, rx, sh.clone(), poll, grace);
+                shard.run();
+                sh.running.store(false, Ordering::SeqCst);
+                shard.stack
+            })?;
+        Ok(Runtime {
+            shared,
+            thread: Some(thread),
+        })
+    }
+}
+
+/// A running stack: one poll thread over one device. Handles made from it
+/// ([`TcpListener`](crate::TcpListener), [`TcpStream`](crate::TcpStream),
+/// [`UdpSocket`](crate::UdpSocket)) may be used from any thread. Dropping it shuts down.
+#[derive(Debug)]
+pub struct Runtime {
+    pub(crate) shared: Arc<Shared>,
+    thread: Option<JoinHandle<Stack>>,
+}
+
+impl Runtime {
+    /// A builder.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// A snapshot of the stack's counters (drops by reason, TCP totals), at most a few
+    /// milliseconds old.
+    pub fn counters(&self) -> Counters {
+        self.shared.lock_counters().clone()
+    }
+
+    /// Stops accepting, lets open connections drain (up to the grace period), closes the
+    /// device and joins the poll thread. Returns the stack for inspection.
+    pub fn shutdown(mut self) -> Stack {
+        self.stop().expect("the poll thread ran")
+    }
+
+    fn stop(&mut self) -> Option<Stack> {
+        let t = self.thread.take()?;
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.waker.wake_now();
+        t.join().ok()
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// What application threads and the poll thread share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    cmds: Sender<Cmd>,
+    waker: Waker,
+    stop: AtomicBool,
+    running: AtomicBool,
+    counters: Mutex<Counters>,
+    pub(crate) ring: usize,
+}
+
+impl Shared {
+    /// Sends a command and wakes the poll thread.
+    pub(crate) fn command(&self, c: Cmd) -> io::Result<()> {
+        if !self.running.load(Ordering::SeqCst) || self.stop.load(Ordering::SeqCst) {
+            return Err(stopped());
+        }
+        self.cmds.send(c).map_err(|_| stopped())?;
+        self.waker.wake();
+        Ok(())
+    }
+
+    /// Sends a command and waits for its answer.
+    pub(crate) fn call<T>(&self, make: impl FnOnce(Sender<T>) -> Cmd) -> io::Result<T> {
+        let (tx, rx) = bounded(1);
+        self.command(make(tx))?;
+        rx.recv().map_err(|_| stopped())
+    }
+
+    /// Wakes the poll thread (data was put in a ring).
+    pub(crate) fn wake(&self) {
+        self.waker.wake();
+    }
+
+    pub(crate) fn is_running(&self) -> bool {
+        self.running.load(Ordering::SeqCst)
+    }
+
+    fn lock_counters(&self) -> MutexGuard<'_, Counters> {
+        self.counters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+pub(crate) fn stopped() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "the runtime has stopped")
+}
+
+/// Wakes the poll thread through an `eventfd`, only when it sleeps.
+#[derive(Debug)]
+struct Waker {
+    fd: OwnedFd,
+    sleeping: AtomicBool,
+    pending: AtomicBool,
+}
+
+impl Waker {
+    fn new() -> io::Result<Waker> {
+        // SAFETY: plain eventfd(2); the fd is owned below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Waker {
+            // SAFETY: a fresh fd we own.
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            sleeping: AtomicBool::new(false),
+            pending: AtomicBool::new(false),
+        })
+    }
+
+    fn wake(&self) {
+        self.pending.store(true, Ordering::SeqCst);
+        if self.sleeping.load(Ordering::SeqCst) {
+            self.wake_now();
+        }
+    }
+
+    fn wake_now(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a valid buffer to our eventfd.
+        unsafe { libc::write(self.fd.as_raw_fd(), one.as_ptr().cast(), 8) };
+    }
+
+    fn drain(&self) {
+        let mut b = [0u8; 8];
+        // SAFETY: reads into a valid 8-byte buffer from our non-blocking eventfd.
+        unsafe { libc::read(self.fd.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
+    }
+}
+
+/// Commands from application threads.
+pub(crate) enum Cmd {
+    Listen {
+        prefix: IpNet,
+        ports: PortSpec,
+        reuseport: bool,
+        backlog: usize,
+        queue: Arc<Backlog>,
+        reply: Sender<Result<TcpListenerHandle, BindError>>,
+    },
+    ListenerClose(TcpListenerHandle),
+    Connect {
+        local: SocketAddr,
+        remote: SocketAddr,
+        pipe: Arc<Pipe>,
+        reply: Sender<Result<TcpHandle, ConnectError>>,
+    },
+    SetNodelay(TcpHandle, bool),
+    UdpBind {
+        prefix: IpNet,
+        ports: PortSpec,
+        reuseport: bool,
+        queue: Arc<DgramQueue>,
+        reply: Sender<Result<UdpHandle, BindError>>,
+    },
+    UdpSend {
+        h: UdpHandle,
+        src: SocketAddr,
+        dst: SocketAddr,
+        data: Vec<u8>,
+        reply: Sender<Result<(), SendError>>,
+    },
+    UdpClose(UdpHandle),
+    Explain {
+        proto: subnetstack_demux::Protocol,
+        src: SocketAddr,
+        dst: SocketAddr,
+        reply: Sender<String>,
+    },
+}
+
+/// A condition variable with its state.
+#[derive(Debug, Default)]
+pub(crate) struct Guarded<T> {
+    m: Mutex<T>,
+    pub(crate) cv: Condvar,
+}
+
+impl<T> Guarded<T> {
+    pub(crate) fn new(t: T) -> Self {
+        Guarded {
+            m: Mutex::new(t),
+            cv: Condvar::new(),
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+        self.m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits on the condition until `done` holds or `timeout` passes; returns the guard and
+    /// whether `done` holds.
+    pub(crate) fn wait_until<'a>(
+        &'a self,
+        mut g: MutexGuard<'a, T>,
+        timeout: Option<Duration>,
+        mut done: impl FnMut(&T) -> bool,
+    ) -> (MutexGuard<'a, T>, bool) {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            if done(&g) {
+                return (g, true);
+            }
+            match deadline {
+                None => g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return (g, false);
+                    }
+                    g = self
+                        .cv
+                        .wait_timeout(g, d - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            }
+        }
+    }
+}
+
+/// One connection's rings and status, shared by its stream and the poll thread.
+pub(crate) type Pipe = Guarded<PipeState>;
+
+/// See [`Pipe`].
+#[derive(Debug, Default)]
+pub(crate) struct PipeState {
+    /// Received bytes for the application.
+    pub(crate) rx: VecDeque<u8>,
+    /// Bytes the application wrote, for the connection.
+    pub(crate) tx: VecDeque<u8>,
+    pub(crate) cap: usize,
+    pub(crate) established: bool,
+    pub(crate) eof: bool,
+    pub(crate) error: Option<io::ErrorKind>,
+    pub(crate) error_text: &'static str,
+    /// The application will write no more: FIN once `tx` is empty.
+    pub(crate) write_shut: bool,
+    /// The stream was dropped: close once `tx` is empty.
+    pub(crate) dropped: bool,
+    pub(crate) local: Option<SocketAddr>,
+    pub(crate) peer: Option<SocketAddr>,
+    pub(crate) handle: Option<TcpHandle>,
+}
+
+impl PipeState {
+    pub(crate) fn new(cap: usize) -> Self {
+        PipeState {
+            cap,
+            ..Default::default()
+        }
+    }
+
+    pub(crate) fn fail(&mut self, e: TcpError) {
+        let (k, t) = match e {
+            TcpError::Refused => (io::ErrorKind::ConnectionRefused, "connection refused"),
+            TcpError::Reset => (io::ErrorKind::ConnectionReset, "connection reset by peer"),
+            TcpError::TimedOut => (io::ErrorKind::TimedOut, "connection timed out"),
+            TcpError::Aborted => (io::ErrorKind::ConnectionAborted, "connection aborted"),
+            TcpError::Unreachable => (io::ErrorKind::HostUnreachable, "destination unreachable"),
+        };
+        if self.error.is_none() {
+            self.error = Some(k);
+            self.error_text = t;
+        }
+    }
+
+    pub(crate) fn io_error(&self) -> Option<io::Error> {
+        self.error.map(|k| io::Error::new(k, self.error_text))
+    }
+}
+
+/// A listener's queue of accepted connections (bounded by its backlog).
+pub(crate) type Backlog = Guarded<BacklogState>;
+
+/// See [`Backlog`].
+#[derive(Debug, Default)]
+pub(crate) struct BacklogState {
+    pub(crate) queue: VecDeque<(Arc<Pipe>, SocketAddr, SocketAddr)>,
+    pub(crate) cap: usize,
+    pub(crate) closed: bool,
+}
+
+/// A UDP socket's received datagrams (bounded).
+pub(crate) type DgramQueue = Guarded<DgramState>;
+
+/// See [`DgramQueue`].
+#[derive(Debug, Default)]
+pub(crate) struct DgramState {
+    pub(crate) queue: VecDeque<subnetstack_stack::Datagram>,
+    pub(crate) cap: usize,
+    pub(crate) closed: bool,
+}
+
+/// The poll thread's state.
+struct Shard {
+    stack: Stack,
+    drv: Driver<Box<dyn Device>>,
+    cmds: Receiver<Cmd>,
+    shared: Arc<Shared>,
+    poll: PollMode,
+    grace: Duration,
+    clock: SystemClock,
+    conns: HashMap<TcpHandle, Arc<Pipe>>,
+    listeners: HashMap<TcpListenerHandle, Arc<Backlog>>,
+    udp: HashMap<UdpHandle, Arc<DgramQueue>>,
+    scratch: Vec<u8>,
+}
+
+impl Shard {
+    fn new(
+        stack: Stack,
+        dev: Box<dyn Device>,
+        cmds: Receiver<Cmd>,
+        shared: Arc<Shared>,
+        poll: PollMode,
+        grace: Duration,
+    ) -> Shard {
+        Shard {
+            stack,
+            drv: Driver::new(dev),
+            cmds,
+            shared,
+            poll,
+            grace,
+            clock: SystemClock::new(),
+            conns: HashMap::new(),
+            listeners: HashMap::new(),
+            udp: HashMap::new(),
+            scratch: vec![0; 64 * 1024],
+        }
+    }
+
+    fn run(&mut self) {
+        let mut last_work = Instant::now();
+        let mut last_counters = Instant::now();
+        let mut stopping: Option<Instant> = None;
+        loop {
+            let now = self.clock.now();
+            self.shared.waker.pending.store(false, Ordering::SeqCst);
+            let mut work = match self.drv.poll(&mut self.stack, now) {
+                Ok(n) => n > 0,
+                Err(_) => break, // the device is gone
+            };
+            while let Ok(c) = self.cmds.try_recv() {
+                self.command(now, c);
+                work = true;
+            }
+            work |= self.service(now);
+            if self.drv.flush(&mut self.stack).is_err() {
+                break;
+            }
+            if last_counters.elapsed() > Duration::from_millis(5) {
+                *self.shared.lock_counters() = self.stack.counters().clone();
+                last_counters = Instant::now();
+            }
+            if self.shared.stop.load(Ordering::SeqCst) {
+                let since = *stopping.get_or_insert_with(|| {
+                    self.stop_accepting(now);
+                    Instant::now()
+                });
+                if self.conns.is_empty() || since.elapsed() > self.grace {
+                    break;
+                }
+            }
+            if work {
+                last_work = Instant::now();
+                continue;
+            }
+            match self.poll {
+                PollMode::Busy => continue,
+                PollMode::Adaptive(spin) if last_work.elapsed() < spin => continue,
+                _ => self.sleep(now),
+            }
+        }
+        *self.shared.lock_counters() = self.stack.counters().clone();
+        self.fail_all();
+    }
+
+    /// Sleeps on the device, the wakeup fd and the stack's next deadline.
+    fn sleep(&mut self, now: Duration) {
+        let w = &self.shared.waker;
+        w.sleeping.store(true, Ordering::SeqCst);
+        if w.pending.swap(false, Ordering::SeqCst) || !self.cmds.is_empty() {
+            w.sleeping.store(false, Ordering::SeqCst);
+            return;
+        }
+        let timeout = [self.stack.poll_timeout(), self.drv.device().next_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
+            .map_or(Duration::from_millis(100), |d| d.saturating_sub(now))
+            .min(Duration::from_millis(100));
+        let mut fds = [
+            libc::pollfd {
+                fd: w.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.drv.device().poll_fd().map_or(-1, |f| f.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // Round up so that a deadline 0.4 ms away is not a busy loop.
+        let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
+        // SAFETY: two valid pollfds for the duration of the call (a -1 fd is ignored).
+        unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        w.sleeping.store(false, Ordering::SeqCst);
+        if fds[0].revents != 0 {
+            w.drain();
+        }
+    }
+
+    fn command(&mut self, now: Duration, c: Cmd) {
+        match c {
+            Cmd::Listen {
+                prefix,
+                ports,
+                reuseport,
+                backlog,
+                queue,
+                reply,
+            } => {
+                let r = self.stack.tcp_listen(prefix, ports, reuseport, backlog);
+                if let Ok(l) = r {
+                    self.listeners.insert(l, queue);
+                }
+                let _ = reply.send(r);
+            }
+            Cmd::ListenerClose(l) => {
+                self.stack.tcp_listener_close(now, l);
+                if let Some(q) = self.listeners.remove(&l) {
+                    q.lock().closed = true;
+                    q.cv.notify_all();
+                }
+            }
+            Cmd::Connect {
+                local,
+                remote,
+                pipe,
+                reply,
+            } => {
+                let r = self.stack.tcp_connect(now, local, remote);
+                if let Ok(h) = r {
+                    {
+                        let mut p = pipe.lock();
+                        p.handle = Some(h);
+                        p.peer = Some(remote);
+                        p.local = self.stack.tcp_local_addr(h);
+                    }
+                    self.conns.insert(h, pipe);
+                }
+                let _ = reply.send(r);
+            }
+            Cmd::SetNodelay(h, on) => {
+                let _ = self.stack.tcp_set_nodelay(h, on);
+            }
+            Cmd::UdpBind {
+                prefix,
+                ports,
+                reuseport,
+                queue,
+                reply,
+            } => {
+                let r = self.stack.udp_bind(prefix, ports, reuseport);
+                if let Ok(h) = r {
+                    self.udp.insert(h, queue);
+                }
+                let _ = reply.send(r);
+            }
+            Cmd::UdpSend {
+                h,
+                src,
+                dst,
+                data,
+                reply,
+            } => {
+                let _ = reply.send(self.stack.udp_send(now, h, src, dst, &data));
+            }
+            Cmd::UdpClose(h) => {
+                self.stack.udp_close(h);
+                if let Some(q) = self.udp.remove(&h) {
+                    q.lock().closed = true;
+                    q.cv.notify_all();
+                }
+            }
+            Cmd::Explain {
+                proto,
+                src,
+                dst,
+                reply,
+            } => {
+                let text = subnetstack_demux::Flow::new(src.ip(), src.port(), dst.ip(), dst.port())
+                    .map(|f| self.stack.demux().snapshot().explain(proto, &f).to_string())
+                    .unwrap_or_else(|e| format!("{e:?}"));
+                let _ = reply.send(text);
+            }
+        }
+    }
+
+    /// Moves accepted connections, bytes and datagrams between the stack and the handles.
+    /// Returns whether anything moved.
+    fn service(&mut self, now: Duration) -> bool {
+        let mut work = false;
+        for (&l, q) in &self.listeners {
+            let mut g = q.lock();
+            let mut added = false;
+            while g.queue.len() < g.cap {
+                let Some((h, local, remote)) = self.stack.tcp_accept(l) else {
+                    break;
+                };
+                let mut st = PipeState::new(self.shared.ring);
+                st.established = true;
+                st.local = Some(local);
+                st.peer = Some(remote);
+                st.handle = Some(h);
+                let pipe = Arc::new(Pipe::new(st));
+                self.conns.insert(h, pipe.clone());
+                g.queue.push_back((pipe, local, remote));
+                added = true;
+            }
+            if added {
+                q.cv.notify_all();
+                work = true;
+            }
+        }
+        let mut gone = Vec::new();
+        for (&h, pipe) in &self.conns {
+            let (moved, done) =
+                Self::service_conn(&mut self.stack, &mut self.scratch, now, h, pipe);
+            work |= moved;
+            if done {
+                gone.push(h);
+            }
+        }
+        for h in gone {
+            self.conns.remove(&h);
+        }
+        for (&h, q) in &self.udp {
+            let mut g = q.lock();
+            let mut added = false;
+            while g.queue.len() < g.cap {
+                let Some(d) = self.stack.udp_recv(h) else {
+                    break;
+                };
+                g.queue.push_back(d);
+                added = true;
+            }
+            if added {
+                q.cv.notify_all();
+                work = true;
+            }
+        }
+        work
+    }
+
+    /// One connection: returns (bytes or state moved, the poll thread is done with it).
+    fn service_conn(
+        stack: &mut Stack,
+        scratch: &mut [u8],
+        now: Duration,
+        h: TcpHandle,
+        pipe: &Pipe,
+    ) -> (bool, bool) {
+        let mut p = pipe.lock();
+        let mut moved = false;
+        let state = stack.tcp_state(h);
+        if !p.established
+            && matches!(
+                state,
+                Some(
+                    TcpState::Established
+                        | TcpState::CloseWait
+                        | TcpState::FinWait1
+                        | TcpState::FinWait2
+                )
+            )
+        {
+            p.established = true;
+            moved = true;
+        }
+        // Into the receive ring.
+        while !p.dropped && p.rx.len() < p.cap && !p.eof {
+            let room = (p.cap - p.rx.len()).min(scratch.len());
+            match stack.tcp_recv(now, h, &mut scratch[..room]) {
+                Ok(0) => {
+                    p.eof = true;
+                    moved = true;
+                }
+                Ok(n) => {
+                    p.rx.extend(&scratch[..n]);
+                    moved = true;
+                }
+                Err(IoError::Failed(e)) => {
+                    p.fail(e);
+                    moved = true;
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        // Out of the send ring.
+        while !p.tx.is_empty() {
+            let (a, _) = p.tx.as_slices();
+            match stack.tcp_send(now, h, a) {
+                Ok(n) => {
+                    p.tx.drain(..n);
+                    moved = true;
+                }
+                Err(IoError::Failed(e)) => {
+                    p.fail(e);
+                    moved = true;
+                    break;
+                }
+                Err(IoError::WouldBlock) => break,
+                Err(_) => {
+                    // Closed for writing under us: what is left cannot be sent.
+                    p.tx.clear();
+                    break;
+                }
+            }
+        }
+        if let (None, Some(e)) = (p.error, stack.tcp_error(h)) {
+            p.fail(e);
+            moved = true;
+        }
+        let mut done = false;
+        if p.tx.is_empty() {
+            if p.dropped {
+                stack.tcp_close(now, h);
+                done = true;
+            } else if p.write_shut {
+                stack.tcp_shutdown(now, h);
+            }
+        }
+        if p.error.is_some() && !done {
+            if p.dropped {
+                stack.tcp_close(now, h);
+            }
+            done = p.dropped;
+        }
+        drop(p);
+        if moved {
+            pipe.cv.notify_all();
+        }
+        (moved, done)
+    }
+
+    fn stop_accepting(&mut self, now: Duration) {
+        for (l, q) in self.listeners.drain() {
+            self.stack.tcp_listener_close(now, l);
+            q.lock().closed = true;
+            q.cv.notify_all();
+        }
+    }
+
+    /// The runtime ends: every handle still waiting learns it.
+    fn fail_all(&mut self) {
+        for (_, p) in self.conns.drain() {
+            let mut g = p.lock();
+            if g.error.is_none() {
+                g.error = Some(io::ErrorKind::NotConnected);
+                g.error_text = "the runtime has stopped";
+            }
+            drop(g);
+            p.cv.notify_all();
+        }
+        for (_, q) in self.udp.drain() {
+            q.lock().closed = true;
+            q.cv.notify_all();
+        }
+    }
+}
