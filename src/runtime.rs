@@ -629,8 +629,8 @@ impl Shard {
             .into_iter()
             .flatten()
             .min()
-            .map_or(Duration::from_millis(100), |d| d.saturating_sub(now))
-            .min(Duration::from_millis(100));
+            .map_or(Duration::from_secs(1), |d| d.saturating_sub(now))
+            .min(Duration::from_secs(1));
         let mut fds = [
             libc::pollfd {
                 fd: w.fd.as_raw_fd(),
