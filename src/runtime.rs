@@ -27,8 +27,8 @@ use subnetstack_ifaces::tap::{Tap, TapConfig};
 use subnetstack_ifaces::{Clock, Device, Mac, SystemClock};
 use subnetstack_stack::poll::Driver;
 use subnetstack_stack::{
-    Config, ConnectError, Counters, IoError, SendError, Stack, TcpConfig, TcpError, TcpHandle,
-    TcpListenerHandle, TcpState, UdpHandle,
+    Config, ConnectError, Counters, IoError, ListenerStats, SendError, Stack, TcpConfig, TcpError,
+    TcpHandle, TcpListenerHandle, TcpState, UdpHandle, UdpSocketStats,
 };
 
 /// How the poll thread waits for work.
@@ -258,6 +258,12 @@ impl Runtime {
         self.shared.lock_counters().clone()
     }
 
+    /// Everything counted, per binding too, taken on the poll thread now
+    /// ([`Snapshot::prometheus`] renders it for `/metrics`).
+    pub fn snapshot(&self) -> io::Result<Snapshot> {
+        self.shared.call(Cmd::Snapshot)
+    }
+
     /// Stops accepting, lets open connections drain (up to the grace period), closes the
     /// device and joins the poll thread. Returns the stack for inspection.
     pub fn shutdown(mut self) -> Stack {
@@ -407,6 +413,193 @@ pub(crate) enum Cmd {
         dst: SocketAddr,
         reply: Sender<String>,
     },
+    Snapshot(Sender<Snapshot>),
+}
+
+/// Counters of one TCP listener, with its binding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerSnapshot {
+    /// `prefix:ports`.
+    pub binding: String,
+    /// The listener's number (its demux `ListenerId`).
+    pub listener: u32,
+    /// Its counters.
+    pub stats: ListenerStats,
+}
+
+/// Counters of one UDP socket, with its binding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UdpSnapshot {
+    /// `prefix:ports`.
+    pub binding: String,
+    /// Its counters.
+    pub stats: UdpSocketStats,
+}
+
+/// Everything the runtime counts, at one instant.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Stack-wide counters and drops by reason.
+    pub counters: Counters,
+    /// TCP connections open.
+    pub tcp_connections: usize,
+    /// Per TCP listener.
+    pub tcp: Vec<ListenerSnapshot>,
+    /// Per UDP socket.
+    pub udp: Vec<UdpSnapshot>,
+}
+
+impl Snapshot {
+    /// The Prometheus text exposition format (version 0.0.4), ready to serve at `/metrics`.
+    pub fn prometheus(&self) -> String {
+        use std::fmt::Write as _;
+        let mut o = String::new();
+        let c = &self.counters;
+        let family = |o: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(
+                o,
+                "# HELP subnetstack_{name} {help}\n# TYPE subnetstack_{name} {kind}"
+            );
+        };
+        for (name, help, v) in [
+            (
+                "rx_frames_total",
+                "Frames handed to the stack.",
+                c.rx_frames,
+            ),
+            ("tx_frames_total", "Frames the stack sent.", c.tx_frames),
+            (
+                "udp_delivered_total",
+                "Datagrams delivered to UDP sockets.",
+                c.udp_delivered,
+            ),
+            (
+                "tcp_syncookies_sent_total",
+                "SYN-ACKs sent with a cookie.",
+                c.tcp_syncookies_sent,
+            ),
+            (
+                "tcp_syncookies_valid_total",
+                "Connections made from a valid cookie.",
+                c.tcp_syncookies_valid,
+            ),
+            (
+                "tcp_retransmitted_bytes_total",
+                "Bytes retransmitted by ended connections.",
+                c.tcp_retransmitted_bytes,
+            ),
+            (
+                "tcp_timeouts_total",
+                "Retransmission timeouts of ended connections.",
+                c.tcp_timeouts,
+            ),
+        ] {
+            family(&mut o, name, "counter", help);
+            let _ = writeln!(o, "subnetstack_{name} {v}");
+        }
+        family(&mut o, "tcp_connections", "gauge", "TCP connections open.");
+        let _ = writeln!(o, "subnetstack_tcp_connections {}", self.tcp_connections);
+        family(
+            &mut o,
+            "drops_total",
+            "counter",
+            "Frames dropped, by reason.",
+        );
+        for (r, n) in c.drops() {
+            let _ = writeln!(o, "subnetstack_drops_total{{reason=\"{}\"}} {n}", r.name());
+        }
+        type Field = fn(&ListenerStats) -> u64;
+        let fields: [(&str, &str, &str, Field); 9] = [
+            (
+                "listener_syns_total",
+                "counter",
+                "SYNs that reached the listener.",
+                |s| s.syns,
+            ),
+            (
+                "listener_syncookies_sent_total",
+                "counter",
+                "Cookies the listener sent.",
+                |s| s.syncookies_sent,
+            ),
+            (
+                "listener_syncookies_valid_total",
+                "counter",
+                "Valid cookies the listener took.",
+                |s| s.syncookies_valid,
+            ),
+            (
+                "listener_accepted_total",
+                "counter",
+                "Handshakes completed.",
+                |s| s.accepted,
+            ),
+            (
+                "listener_overflows_total",
+                "counter",
+                "Accept queue overflows.",
+                |s| s.overflows,
+            ),
+            (
+                "listener_resets_total",
+                "counter",
+                "Connections the peer reset.",
+                |s| s.resets,
+            ),
+            ("listener_active", "gauge", "Connections open.", |s| {
+                s.active
+            }),
+            (
+                "listener_bytes_in_total",
+                "counter",
+                "Bytes received by the application.",
+                |s| s.bytes_in,
+            ),
+            (
+                "listener_bytes_out_total",
+                "counter",
+                "Bytes sent by the application.",
+                |s| s.bytes_out,
+            ),
+        ];
+        for (name, kind, help, get) in fields {
+            family(&mut o, name, kind, help);
+            for l in &self.tcp {
+                let _ = writeln!(
+                    o,
+                    "subnetstack_{name}{{proto=\"tcp\",binding=\"{}\",listener=\"{}\"}} {}",
+                    l.binding,
+                    l.listener,
+                    get(&l.stats)
+                );
+            }
+        }
+        type UdpField = fn(&UdpSocketStats) -> u64;
+        let udp_fields: [(&str, &str, UdpField); 2] = [
+            (
+                "udp_received_total",
+                "Datagrams queued for the socket.",
+                |s| s.received,
+            ),
+            (
+                "udp_dropped_total",
+                "Datagrams dropped: socket queue full.",
+                |s| s.dropped,
+            ),
+        ];
+        for (name, help, get) in udp_fields {
+            family(&mut o, name, "counter", help);
+            for u in &self.udp {
+                let _ = writeln!(
+                    o,
+                    "subnetstack_{name}{{proto=\"udp\",binding=\"{}\"}} {}",
+                    u.binding,
+                    get(&u.stats)
+                );
+            }
+        }
+        o
+    }
 }
 
 /// A condition variable with its state.
@@ -544,6 +737,8 @@ struct Shard {
     conns: HashMap<TcpHandle, Arc<Pipe>>,
     listeners: HashMap<TcpListenerHandle, Arc<Backlog>>,
     udp: HashMap<UdpHandle, Arc<DgramQueue>>,
+    /// `prefix:ports` of each listener and UDP socket, for snapshots.
+    names: HashMap<(bool, u32), String>,
     scratch: Vec<u8>,
 }
 
@@ -567,6 +762,7 @@ impl Shard {
             conns: HashMap::new(),
             listeners: HashMap::new(),
             udp: HashMap::new(),
+            names: HashMap::new(),
             scratch: vec![0; 64 * 1024],
         }
     }
@@ -666,6 +862,8 @@ impl Shard {
                 let r = self.stack.tcp_listen(prefix, ports, reuseport, backlog);
                 if let Ok(l) = r {
                     self.listeners.insert(l, queue);
+                    self.names
+                        .insert((true, l.id()), format!("{prefix}:{ports}"));
                 }
                 let _ = reply.send(r);
             }
@@ -707,6 +905,8 @@ impl Shard {
                 let r = self.stack.udp_bind(prefix, ports, reuseport);
                 if let Ok(h) = r {
                     self.udp.insert(h, queue);
+                    self.names
+                        .insert((false, h.id()), format!("{prefix}:{ports}"));
                 }
                 let _ = reply.send(r);
             }
@@ -737,6 +937,42 @@ impl Shard {
                     .unwrap_or_else(|e| format!("{e:?}"));
                 let _ = reply.send(text);
             }
+            Cmd::Snapshot(reply) => {
+                let _ = reply.send(self.snapshot());
+            }
+        }
+    }
+
+    fn snapshot(&mut self) -> Snapshot {
+        let name = |k| self.names.get(&k).cloned().unwrap_or_default();
+        let mut tcp: Vec<ListenerSnapshot> = self
+            .listeners
+            .keys()
+            .filter_map(|&l| {
+                Some(ListenerSnapshot {
+                    binding: name((true, l.id())),
+                    listener: l.id(),
+                    stats: self.stack.tcp_listener_stats(l)?,
+                })
+            })
+            .collect();
+        tcp.sort_by_key(|l| l.listener);
+        let handles: Vec<UdpHandle> = self.udp.keys().copied().collect();
+        let mut udp: Vec<UdpSnapshot> = handles
+            .into_iter()
+            .filter_map(|h| {
+                Some(UdpSnapshot {
+                    binding: name((false, h.id())),
+                    stats: self.stack.udp_stats(h)?,
+                })
+            })
+            .collect();
+        udp.sort_by(|a, b| a.binding.cmp(&b.binding));
+        Snapshot {
+            counters: self.stack.counters().clone(),
+            tcp_connections: self.stack.tcp_connections(),
+            tcp,
+            udp,
         }
     }
 

@@ -10,6 +10,10 @@ use std::time::{Duration, Instant};
 
 use subnetstack::ifaces::netns;
 
+/// The examples' shared option parsing, with its unit tests.
+#[path = "../examples/common/mod.rs"]
+mod common;
+
 /// The built example `name`, next to this test binary's directory.
 fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");

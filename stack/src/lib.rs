@@ -23,7 +23,7 @@ mod tcp_glue;
 
 pub use tcp::cc::Congestion;
 pub use tcp::conn::{Keepalive, State as TcpState, TcpConfig, TcpError};
-pub use tcp_glue::{ConnectError, IoError, TcpHandle, TcpListenerHandle};
+pub use tcp_glue::{ConnectError, IoError, ListenerStats, TcpHandle, TcpListenerHandle};
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -130,6 +130,13 @@ impl std::error::Error for ConfigError {}
 /// A UDP socket of a stack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct UdpHandle(u32);
+
+impl UdpHandle {
+    /// Its number (the `ListenerId` of its binding in the demux), for logs and metrics.
+    pub fn id(self) -> u32 {
+        self.0
+    }
+}
 
 /// A received datagram: payload, the remote address, and the local address it was sent to.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -23,6 +23,13 @@ use crate::{DropReason, IpL4, Stack, UdpErrorKind};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TcpListenerHandle(u32);
 
+impl TcpListenerHandle {
+    /// Its number (the `ListenerId` of its binding in the demux), for logs and metrics.
+    pub fn id(self) -> u32 {
+        self.0
+    }
+}
+
 /// A TCP connection of a stack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TcpHandle(u32);
@@ -96,6 +103,30 @@ struct Listener {
     /// When the listener last answered with a SYN cookie (ACKs are checked for cookies only
     /// for two periods after).
     last_cookie: Option<Duration>,
+    stats: ListenerStats,
+}
+
+/// Counters of one TCP listener (per binding, for observability).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenerStats {
+    /// SYNs that reached the listener.
+    pub syns: u64,
+    /// SYN-ACKs answered with a cookie (its SYN queue was full).
+    pub syncookies_sent: u64,
+    /// Connections created from a valid cookie.
+    pub syncookies_valid: u64,
+    /// Connections that completed the handshake (joined the accept queue).
+    pub accepted: u64,
+    /// SYNs or cookie ACKs dropped because the accept queue was full.
+    pub overflows: u64,
+    /// Its connections that the peer reset.
+    pub resets: u64,
+    /// Its connections open now (handshake done, not yet closed).
+    pub active: u64,
+    /// Bytes its connections delivered to the application.
+    pub bytes_in: u64,
+    /// Bytes the application queued on its connections.
+    pub bytes_out: u64,
 }
 
 /// What became of an ACK that matched no connection.
@@ -117,6 +148,10 @@ struct Sock {
     remote: SocketAddr,
     /// Passive connections belong to their listener until accepted.
     listener: Option<u32>,
+    /// The listener a passive connection came through, for its counters (kept after accept).
+    origin: Option<u32>,
+    /// Counted in its origin's `active`.
+    active: bool,
     accepted: bool,
     app_closed: bool,
     armed: Option<Duration>,
@@ -297,8 +332,11 @@ impl Stack {
             (s.listener, s.accepted, state)
         {
             s.accepted = true;
+            s.active = true;
             if let Some(Some(lis)) = self.tcp.listeners.get_mut(l as usize) {
                 lis.pending = lis.pending.saturating_sub(1);
+                lis.stats.accepted += 1;
+                lis.stats.active += 1;
                 lis.accept.push_back(idx);
             }
         }
@@ -321,6 +359,15 @@ impl Stack {
             self.tcp.time_wait -= 1;
         }
         if state == State::Closed {
+            if let (Some(o), true) = (s.origin, s.active) {
+                s.active = false;
+                if let Some(Some(lis)) = self.tcp.listeners.get_mut(o as usize) {
+                    lis.stats.active = lis.stats.active.saturating_sub(1);
+                    if s.conn.error() == Some(TcpError::Reset) {
+                        lis.stats.resets += 1;
+                    }
+                }
+            }
             if self.tcp.table.remove(&(s.local, s.remote)).is_some() {
                 // Once per connection: its totals join the stack's.
                 self.counters.tcp_retransmitted_bytes += s.conn.retransmitted;
@@ -507,15 +554,19 @@ impl Stack {
         let Some(Some(lis)) = self.tcp.listeners.get_mut(l as usize) else {
             return self.drop(DropReason::TcpNoBinding);
         };
+        lis.stats.syns += 1;
         // A full accept queue drops the SYN (the client retries); a full SYN queue answers
         // with a cookie and keeps no state (Linux does both the same way).
         if lis.accept.len() >= lis.backlog {
+            lis.stats.overflows += 1;
             return self.drop(DropReason::TcpListenOverflow);
         }
         if lis.pending >= lis.backlog {
             if !self.tcp.cfg.syncookies {
+                lis.stats.overflows += 1;
                 return self.drop(DropReason::TcpListenOverflow);
             }
+            lis.stats.syncookies_sent += 1;
             lis.last_cookie = Some(now);
             return self.tcp_cookie_syn_ack(now, local, remote, seg);
         }
@@ -528,6 +579,8 @@ impl Stack {
             local,
             remote,
             listener: Some(l),
+            origin: Some(l),
+            active: false,
             accepted: false,
             app_closed: false,
             armed: None,
@@ -606,6 +659,9 @@ impl Stack {
             return CookieAck::Bad;
         };
         if lis.accept.len() >= lis.backlog {
+            if let Some(Some(lis)) = self.tcp.listeners.get_mut(l as usize) {
+                lis.stats.overflows += 1;
+            }
             return CookieAck::AcceptQueueFull;
         }
         let (wscale, sack) = match seg.ts {
@@ -626,12 +682,15 @@ impl Stack {
         let conn = Conn::from_cookie(self.tcp.cfg.clone(), self.tcp_mss(v6), v6, iss, &syn, now);
         if let Some(Some(lis)) = self.tcp.listeners.get_mut(l as usize) {
             lis.pending += 1;
+            lis.stats.syncookies_valid += 1;
         }
         let idx = self.tcp_insert(Sock {
             conn,
             local,
             remote,
             listener: Some(l),
+            origin: Some(l),
+            active: false,
             accepted: false,
             app_closed: false,
             armed: None,
@@ -695,6 +754,7 @@ impl Stack {
             pending: 0,
             accept: VecDeque::new(),
             last_cookie: None,
+            stats: ListenerStats::default(),
         };
         if idx == self.tcp.listeners.len() {
             self.tcp.listeners.push(Some(lis));
@@ -730,6 +790,13 @@ impl Stack {
             return;
         };
         let _ = self.demux.unbind(lis.binding);
+        // Its slot may serve another listener next: its connections stop counting for it.
+        for s in self.tcp.socks.iter_mut().flatten() {
+            if s.origin == Some(l.0) {
+                s.origin = None;
+                s.active = false;
+            }
+        }
         // Queued first (in order), then the embryonic ones.
         let mut orphans: Vec<u32> = lis.accept.iter().copied().collect();
         orphans.extend(self.tcp.socks.iter().enumerate().filter_map(|(i, s)| {
@@ -763,7 +830,10 @@ impl Stack {
                 heir.and_then(|h| Some((h, self.tcp.listeners.get_mut(h as usize)?.as_mut())))
             {
                 s.listener = Some(h);
+                s.origin = Some(h);
                 if s.accepted {
+                    s.active = true;
+                    sib.stats.active += 1;
                     sib.accept.push_back(idx);
                 } else {
                     sib.pending += 1;
@@ -833,6 +903,8 @@ impl Stack {
             local,
             remote,
             listener: None,
+            origin: None,
+            active: false,
             accepted: true,
             app_closed: false,
             armed: None,
@@ -870,6 +942,11 @@ impl Stack {
             );
         }
         let n = s.conn.write(data);
+        if let Some(o) = s.origin {
+            if let Some(Some(lis)) = self.tcp.listeners.get_mut(o as usize) {
+                lis.stats.bytes_out += n as u64;
+            }
+        }
         self.tcp_after(now, h.0);
         Ok(n)
     }
@@ -896,6 +973,11 @@ impl Stack {
             });
         }
         let n = s.conn.read(buf);
+        if let Some(o) = s.origin {
+            if let Some(Some(lis)) = self.tcp.listeners.get_mut(o as usize) {
+                lis.stats.bytes_in += n as u64;
+            }
+        }
         self.tcp_after(now, h.0);
         Ok(n)
     }
@@ -984,6 +1066,11 @@ impl Stack {
         }
         self.tcp.out = out;
         self.tcp_after(now, h.0);
+    }
+
+    /// Counters of a listener.
+    pub fn tcp_listener_stats(&self, l: TcpListenerHandle) -> Option<ListenerStats> {
+        Some(self.tcp.listeners.get(l.0 as usize)?.as_ref()?.stats)
     }
 
     /// A connection's local address (the one the client targeted, for accepted connections).

@@ -1456,3 +1456,52 @@ fn congestion_control_is_chosen_per_connection() {
     assert_eq!(ssthresh_after_loss(Congestion::NewReno), 5 * 536);
     assert_eq!(ssthresh_after_loss(Congestion::Cubic), 7 * 536);
 }
+
+#[test]
+fn listener_counters_follow_their_connections() {
+    let mut r = Rig::new();
+    let l = r.listen(1);
+    // One SYN queued, one answered with a cookie; both complete.
+    let a = r.send(&full_syn(41000, 1000))[0].clone();
+    let b = r.send(&full_syn(41001, 7000))[0].clone();
+    let ack = |p, seq, a: &Seg| TcpRepr {
+        timestamp: Some(TcpTimestampRepr::new(5001, a.ts.unwrap().0)),
+        ..tcp_repr(p, 80, TcpControl::None, seq, Some(a.seq + 1), 1000, &[])
+    };
+    r.send(&ack(41000, 1001, &a));
+    let (h, _, _) = r.s.tcp_accept(l).unwrap();
+    let st = r.s.tcp_listener_stats(l).unwrap();
+    assert_eq!(
+        (st.syns, st.syncookies_sent, st.accepted, st.active),
+        (2, 1, 1, 1)
+    );
+    // The cookie ACK completes the second.
+    r.send(&ack(41001, 7001, &b));
+    let st = r.s.tcp_listener_stats(l).unwrap();
+    assert_eq!((st.syncookies_valid, st.accepted, st.active), (1, 2, 2));
+    r.s.tcp_send(r.now, h, b"12345").unwrap();
+    r.send(&TcpRepr {
+        timestamp: Some(TcpTimestampRepr::new(5002, 0)),
+        ..tcp_repr(
+            41000,
+            80,
+            TcpControl::Psh,
+            1001,
+            Some(a.seq + 1),
+            1000,
+            b"abc",
+        )
+    });
+    let mut buf = [0u8; 8];
+    r.s.tcp_recv(r.now, h, &mut buf).unwrap();
+    // The peer resets it.
+    r.send(&TcpRepr {
+        timestamp: None,
+        ..tcp_repr(41000, 80, TcpControl::Rst, 1004, None, 0, &[])
+    });
+    let st = r.s.tcp_listener_stats(l).unwrap();
+    assert_eq!(
+        (st.bytes_out, st.bytes_in, st.resets, st.active),
+        (5, 3, 1, 1)
+    );
+}
