@@ -110,6 +110,11 @@ impl TcpListener {
         })
     }
 
+    /// The listener's number (its demux `ListenerId`; also the `listener` label of its metrics).
+    pub fn id(&self) -> u32 {
+        self.handle.id()
+    }
+
     /// Waits for a connection: the stream, **the local address the client targeted**, and the
     /// client's address.
     pub fn accept(&self) -> io::Result<(TcpStream, SocketAddr, SocketAddr)> {

@@ -26,7 +26,7 @@ fn example(name: &str) -> PathBuf {
 
 #[test]
 fn every_example_explains_itself() {
-    for (name, option) in [("demo", "--serve"), ("echo", "--tap")] {
+    for (name, option) in [("demo", "--serve"), ("echo", "--tap"), ("http", "--bind")] {
         let out = Command::new(example(name))
             .arg("--help")
             .output()
@@ -93,39 +93,13 @@ fn the_echo_example_serves_kernel_clients() {
     if !netns::live("the_echo_example_serves_kernel_clients") {
         return;
     }
-    // A persistent TAP in a namespace of this thread; the example (a child process, so in this
-    // namespace too) attaches to it.
-    netns::enter_private_netns().unwrap();
-    netns::ip(&["tuntap", "add", "mode", "tap", "name", "sst-echo"]).unwrap();
-    netns::add_kernel_side("sst-echo").unwrap();
-    netns::ip(&["route", "add", "198.18.0.0/16", "dev", "sst-echo"]).unwrap();
-    let _child = Child(
-        Command::new(example("echo"))
-            .args([
-                "--tap",
-                "sst-echo",
-                "--prefix",
-                "198.18.0.0/16",
-                "--bind",
-                "tcp:198.18.0.0/16:7",
-                "--bind",
-                "udp:198.18.5.0/24:*",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+    let _child = run_in_namespace(
+        "sst-echo",
+        "echo",
+        &["tcp:198.18.0.0/16:7", "udp:198.18.5.0/24:*"],
     );
     // TCP: any address of the /16 echoes.
-    let to: SocketAddr = "198.18.200.33:7".parse().unwrap();
-    let t0 = Instant::now();
-    let mut s = loop {
-        match TcpStream::connect_timeout(&to, Duration::from_millis(500)) {
-            Ok(s) => break s,
-            Err(e) if t0.elapsed() > Duration::from_secs(10) => panic!("echo never came up: {e}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    };
+    let mut s = connect_when_up("198.18.200.33:7".parse().unwrap());
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(b"hello subnet").unwrap();
     s.shutdown(std::net::Shutdown::Write).unwrap();
@@ -140,4 +114,95 @@ fn the_echo_example_serves_kernel_clients() {
     let mut buf = [0u8; 16];
     let (n, from) = u.recv_from(&mut buf).unwrap();
     assert_eq!((&buf[..n], from), (&b"ping"[..], to));
+}
+
+/// A persistent TAP `tap` in a namespace of this thread, the kernel side configured and
+/// 198.18.0.0/16 routed to it, and the example `name` started on it (a child process, so in
+/// this namespace too) with the stack owning 198.18.0.0/16 and these `--bind`s.
+fn run_in_namespace(tap: &str, name: &str, binds: &[&str]) -> Child {
+    netns::enter_private_netns().unwrap();
+    netns::ip(&["tuntap", "add", "mode", "tap", "name", tap]).unwrap();
+    netns::add_kernel_side(tap).unwrap();
+    netns::ip(&["route", "add", "198.18.0.0/16", "dev", tap]).unwrap();
+    let mut args = vec!["--tap", tap, "--prefix", "198.18.0.0/16"];
+    for b in binds {
+        args.extend(["--bind", b]);
+    }
+    Child(
+        Command::new(example(name))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Connects to `to`, retrying while the example starts.
+fn connect_when_up(to: SocketAddr) -> TcpStream {
+    let t0 = Instant::now();
+    loop {
+        match TcpStream::connect_timeout(&to, Duration::from_millis(500)) {
+            Ok(s) => return s,
+            Err(e) if t0.elapsed() > Duration::from_secs(10) => panic!("never came up: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+fn curl(args: &[&str]) -> String {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "10"])
+        .args(args)
+        .output()
+        .expect("curl (installed by .ci/run)");
+    assert!(out.status.success(), "curl {args:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_http_example_answers_per_binding_with_keep_alive_and_metrics() {
+    if !netns::live("the_http_example_answers_per_binding_with_keep_alive_and_metrics") {
+        return;
+    }
+    let _child = run_in_namespace(
+        "sst-http",
+        "http",
+        &["tcp:198.18.0.0/16:80", "tcp:198.18.5.0/24:80"],
+    );
+    drop(connect_when_up("198.18.1.1:80".parse().unwrap()));
+    let wide = curl(&["http://198.18.200.1/"]);
+    assert!(wide.starts_with("binding tcp:198.18.0.0/16:80"), "{wide}");
+    let nested = curl(&["http://198.18.5.5/"]);
+    assert!(
+        nested.starts_with("binding tcp:198.18.5.0/24:80"),
+        "{nested}"
+    );
+    assert!(nested.contains("local 198.18.5.5:80"), "{nested}");
+    let size = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{size_download}",
+        "http://198.18.5.6/big?bytes=3000000",
+    ]);
+    assert_eq!(size, "3000000");
+    // Keep-alive: two requests on one connection, both answered.
+    let mut s = connect_when_up("198.18.5.7:80".parse().unwrap());
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(
+        b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut both = String::new();
+    s.read_to_string(&mut both).unwrap();
+    assert_eq!(both.matches("HTTP/1.1 200 OK").count(), 2, "{both}");
+    let metrics = curl(&["http://198.18.5.8/metrics"]);
+    assert!(
+        metrics.contains(
+            "subnetstack_listener_accepted_total{proto=\"tcp\",binding=\"198.18.5.0/24:80\""
+        ),
+        "{metrics}"
+    );
+    assert!(curl(&["http://198.18.5.9/stats"]).contains("<table"));
 }
