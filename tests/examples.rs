@@ -26,7 +26,12 @@ fn example(name: &str) -> PathBuf {
 
 #[test]
 fn every_example_explains_itself() {
-    for (name, option) in [("demo", "--serve"), ("echo", "--tap"), ("http", "--bind")] {
+    for (name, option) in [
+        ("demo", "--serve"),
+        ("echo", "--tap"),
+        ("http", "--bind"),
+        ("proxy", "--route"),
+    ] {
         let out = Command::new(example(name))
             .arg("--help")
             .output()
@@ -205,4 +210,79 @@ fn the_http_example_answers_per_binding_with_keep_alive_and_metrics() {
         "{metrics}"
     );
     assert!(curl(&["http://198.18.5.9/stats"]).contains("<table"));
+}
+
+#[test]
+fn the_proxy_example_relays_a_thousand_connections_to_a_kernel_upstream() {
+    if !netns::live("the_proxy_example_relays_a_thousand_connections_to_a_kernel_upstream") {
+        return;
+    }
+    netns::enter_private_netns().unwrap();
+    netns::ip(&["tuntap", "add", "mode", "tap", "name", "sst-proxy"]).unwrap();
+    netns::add_kernel_side("sst-proxy").unwrap();
+    netns::ip(&["route", "add", "198.18.0.0/16", "dev", "sst-proxy"]).unwrap();
+    // The upstream: a kernel echo server that prefixes what it returns.
+    let upstream = std::net::TcpListener::bind((netns::KERNEL_V4, 9000)).unwrap();
+    std::thread::spawn(move || {
+        for c in upstream.incoming() {
+            let Ok(mut c) = c else { break };
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                let _ = c.read_to_end(&mut got);
+                let _ = c.write_all(b"upstream:");
+                let _ = c.write_all(&got);
+            });
+        }
+    });
+    let _child = Child(
+        Command::new(example("proxy"))
+            .args([
+                "--tap",
+                "sst-proxy",
+                "--prefix",
+                "198.18.0.0/16",
+                "--route",
+                "198.18.0.0/16:80=198.19.255.1:9000",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    drop(connect_when_up("198.18.1.1:80".parse().unwrap()));
+    // 1,000 connections from 10 threads, each to another address, each with its own payload.
+    let workers: Vec<_> = (0..10u32)
+        .map(|w| {
+            std::thread::spawn(move || {
+                for i in 0..100u32 {
+                    let to = SocketAddr::from((
+                        [198, 18, (w * 7 + i) as u8 % 250 + 1, (i % 250 + 2) as u8],
+                        80,
+                    ));
+                    let payload: Vec<u8> = (0..2000 + w * 100 + i)
+                        .map(|k| (k * 31 + w + i) as u8)
+                        .collect();
+                    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))
+                        .unwrap_or_else(|e| panic!("{to}: {e}"));
+                    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                    s.write_all(&payload).unwrap();
+                    s.shutdown(std::net::Shutdown::Write).unwrap();
+                    let mut back = Vec::new();
+                    s.read_to_end(&mut back)
+                        .unwrap_or_else(|e| panic!("{to}: {e}"));
+                    let mut want = b"upstream:".to_vec();
+                    want.extend_from_slice(&payload);
+                    assert!(
+                        back == want,
+                        "{to}: {} bytes back, {} expected",
+                        back.len(),
+                        want.len()
+                    );
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
 }
