@@ -6,6 +6,8 @@
 //!
 //! Needs root (or CAP_NET_ADMIN and CAP_SYS_ADMIN): `sudo -E cargo run --release --example demo`.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket as KernelUdp};
 use std::sync::Arc;
@@ -239,6 +241,7 @@ fn percentile(v: &mut [Duration], p: f64) -> Duration {
 
 fn main() {
     let args = Args::parse();
+    common::init_logs();
     if let Some(why) = netns::unavailable() {
         eprintln!("demo needs a private network namespace and a TAP: {why}");
         eprintln!("run it as root: sudo -E cargo run --release --example demo");
@@ -305,7 +308,10 @@ fn main() {
         );
     }
     println!();
-    println!("stack: {}", rt.counters());
+    match rt.snapshot() {
+        Ok(snap) => println!("stack: {}", snap.counters),
+        Err(e) => println!("stack: {e}"),
+    }
     for f in &failures {
         eprintln!("FAILED {f}");
     }

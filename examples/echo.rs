@@ -27,6 +27,7 @@ struct Args {
 
 fn main() -> std::io::Result<()> {
     let args = Args::parse();
+    common::init_logs();
     if args.dev.binds.is_empty() {
         eprintln!("nothing to serve: give at least one --bind");
         std::process::exit(2);

@@ -179,6 +179,7 @@ fn serve(
 
 fn main() -> io::Result<()> {
     let args = Args::parse();
+    common::init_logs();
     let tcp: Vec<_> = args.dev.binds.iter().filter(|b| b.tcp()).cloned().collect();
     if tcp.is_empty() {
         eprintln!("nothing to serve: give at least one TCP --bind");

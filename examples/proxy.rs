@@ -113,6 +113,7 @@ fn relay(client: TcpStream, upstream: &str, stats: &Stats) -> io::Result<()> {
 
 fn main() -> io::Result<()> {
     let args = Args::parse();
+    common::init_logs();
     let mut routes = args.routes.clone();
     if let Some(path) = &args.config {
         for (i, line) in std::fs::read_to_string(path)?.lines().enumerate() {

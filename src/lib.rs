@@ -10,7 +10,7 @@ mod net;
 mod runtime;
 
 pub use net::{ListenOptions, TcpListener, TcpStream, UdpSocket};
-pub use runtime::{Builder, ListenerSnapshot, PollMode, Runtime, Snapshot, UdpSnapshot};
+pub use runtime::{Builder, InLoop, ListenerSnapshot, PollMode, Runtime, Snapshot, UdpSnapshot};
 
 /// The subnet demux: bindings, longest-prefix lookup, reuseport selection, explain.
 pub use subnetstack_demux as demux;

@@ -49,8 +49,16 @@ impl Default for PollMode {
     }
 }
 
+/// Application logic that runs on the poll thread itself, after every poll round, with the
+/// [`Stack`] in hand: zero thread crossings and no copies beyond the stack's own buffers
+/// (`tcp_accept`, `tcp_recv`, `tcp_send`, `udp_recv`... directly). Returns whether it did
+/// anything (so that an adaptive poll thread keeps spinning while there is work). It must not
+/// block.
+pub type InLoop = Box<dyn FnMut(&mut Stack, Duration) -> bool + Send>;
+
 /// Configures and starts a [`Runtime`].
 pub struct Builder {
+    in_loop: Option<InLoop>,
     prefixes: Vec<IpNet>,
     tap: Option<TapConfig>,
     device: Option<Box<dyn Device>>,
@@ -79,6 +87,7 @@ impl std::fmt::Debug for Builder {
 impl Default for Builder {
     fn default() -> Self {
         Builder {
+            in_loop: None,
             prefixes: Vec::new(),
             tap: None,
             device: None,
@@ -177,6 +186,13 @@ impl Builder {
         self
     }
 
+    /// Runs `f` on the poll thread after every round (see [`InLoop`]): for proxies that want
+    /// their logic next to the packets. Handles from other threads keep working beside it.
+    pub fn in_loop(mut self, f: impl FnMut(&mut Stack, Duration) -> bool + Send + 'static) -> Self {
+        self.in_loop = Some(Box::new(f));
+        self
+    }
+
     /// How long [`Runtime::shutdown`] lets open connections drain (default 5 s).
     pub fn shutdown_grace(mut self, d: Duration) -> Self {
         self.grace = d;
@@ -204,6 +220,12 @@ impl Builder {
             None => dev,
         };
         let mac = self.mac.unwrap_or(dev.info().mac);
+        tracing::info!(
+            device = %dev.info().name,
+            prefixes = self.prefixes.len(),
+            poll = ?self.poll,
+            "subnetstack runtime starting"
+        );
         let mut cfg = Config::new(mac, self.prefixes.clone());
         cfg.gateway_v4 = self.gateway_v4;
         cfg.gateway_v6 = self.gateway_v6;
@@ -221,11 +243,12 @@ impl Builder {
             ring: self.ring,
         });
         let sh = shared.clone();
-        let (poll, grace) = (self.poll, self.grace);
+        let (poll, grace, in_loop) = (self.poll, self.grace, self.in_loop);
         let thread = std::thread::Builder::new()
             .name("subnetstack-shard".into())
             .spawn(move || {
                 let mut shard = Shard::new(stack, dev, rx, sh.clone(), poll, grace);
+                shard.in_loop = in_loop;
                 shard.run();
                 sh.running.store(false, Ordering::SeqCst);
                 shard.stack
@@ -740,6 +763,7 @@ struct Shard {
     /// `prefix:ports` of each listener and UDP socket, for snapshots.
     names: HashMap<(bool, u32), String>,
     scratch: Vec<u8>,
+    in_loop: Option<InLoop>,
 }
 
 impl Shard {
@@ -764,6 +788,7 @@ impl Shard {
             udp: HashMap::new(),
             names: HashMap::new(),
             scratch: vec![0; 64 * 1024],
+            in_loop: None,
         }
     }
 
@@ -776,14 +801,21 @@ impl Shard {
             self.shared.waker.pending.store(false, Ordering::SeqCst);
             let mut work = match self.drv.poll(&mut self.stack, now) {
                 Ok(n) => n > 0,
-                Err(_) => break, // the device is gone
+                Err(e) => {
+                    tracing::error!(error = %e, "device failed; the runtime stops");
+                    break;
+                }
             };
             while let Ok(c) = self.cmds.try_recv() {
                 self.command(now, c);
                 work = true;
             }
             work |= self.service(now);
-            if self.drv.flush(&mut self.stack).is_err() {
+            if let Some(f) = self.in_loop.as_mut() {
+                work |= f(&mut self.stack, now);
+            }
+            if let Err(e) = self.drv.flush(&mut self.stack) {
+                tracing::error!(error = %e, "device failed; the runtime stops");
                 break;
             }
             if last_counters.elapsed() > Duration::from_millis(5) {
@@ -792,6 +824,7 @@ impl Shard {
             }
             if self.shared.stop.load(Ordering::SeqCst) {
                 let since = *stopping.get_or_insert_with(|| {
+                    tracing::info!(open = self.conns.len(), "shutting down: accepting no more");
                     self.stop_accepting(now);
                     Instant::now()
                 });
@@ -810,6 +843,7 @@ impl Shard {
             }
         }
         *self.shared.lock_counters() = self.stack.counters().clone();
+        tracing::info!(counters = %self.stack.counters(), "subnetstack runtime stopped");
         self.fail_all();
     }
 
@@ -860,6 +894,10 @@ impl Shard {
                 reply,
             } => {
                 let r = self.stack.tcp_listen(prefix, ports, reuseport, backlog);
+                match &r {
+                    Ok(l) => tracing::debug!(%prefix, %ports, listener = l.id(), "tcp listen"),
+                    Err(e) => tracing::debug!(%prefix, %ports, error = %e, "tcp listen refused"),
+                }
                 if let Ok(l) = r {
                     self.listeners.insert(l, queue);
                     self.names
@@ -903,6 +941,10 @@ impl Shard {
                 reply,
             } => {
                 let r = self.stack.udp_bind(prefix, ports, reuseport);
+                match &r {
+                    Ok(h) => tracing::debug!(%prefix, %ports, socket = h.id(), "udp bind"),
+                    Err(e) => tracing::debug!(%prefix, %ports, error = %e, "udp bind refused"),
+                }
                 if let Ok(h) = r {
                     self.udp.insert(h, queue);
                     self.names

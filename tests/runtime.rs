@@ -131,3 +131,73 @@ fn errors_are_typed() {
         .unwrap();
     assert!(why.contains("198.18.1.0/24"), "{why}");
 }
+
+#[test]
+fn in_loop_logic_serves_without_leaving_the_poll_thread() {
+    use std::sync::Arc;
+    use subnetstack::ifaces::mem::{pair, LinkConfig};
+    use subnetstack::ifaces::SystemClock;
+    use subnetstack::stack::{Stack, TcpHandle, TcpListenerHandle};
+    use subnetstack::Runtime;
+    let (a, b) = pair(LinkConfig::default(), Arc::new(SystemClock::new()));
+    // An echo written against the stack itself, running on the server's poll thread.
+    let mut listener: Option<TcpListenerHandle> = None;
+    let mut conns: Vec<TcpHandle> = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    let echo = move |s: &mut Stack, now| {
+        let l = *listener.get_or_insert_with(|| {
+            s.tcp_listen(
+                "198.18.1.0/24".parse().unwrap(),
+                PortSpec::exact(7).unwrap(),
+                false,
+                64,
+            )
+            .unwrap()
+        });
+        let mut work = false;
+        while let Some((h, _, _)) = s.tcp_accept(l) {
+            conns.push(h);
+            work = true;
+        }
+        conns.retain(|&h| match s.tcp_recv(now, h, &mut buf) {
+            Ok(0) => {
+                s.tcp_close(now, h);
+                false
+            }
+            Ok(n) => {
+                work = true;
+                // The peer reads everything back; the send buffer takes this much.
+                assert_eq!(s.tcp_send(now, h, &buf[..n]), Ok(n));
+                true
+            }
+            Err(_) => s.tcp_error(h).is_none(),
+        });
+        work
+    };
+    let srv = Runtime::builder()
+        .device(Box::new(a))
+        .prefix("198.18.1.0/24".parse().unwrap())
+        .in_loop(echo)
+        .start()
+        .unwrap();
+    let cli = Runtime::builder()
+        .device(Box::new(b))
+        .prefix("198.18.2.0/24".parse().unwrap())
+        .start()
+        .unwrap();
+    let mut c = loop {
+        match TcpStream::connect_from(&cli, addr("198.18.2.3:0"), addr("198.18.1.9:7")) {
+            Ok(c) => break c,
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    c.write_all(b"round trip on the poll thread").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut back = String::new();
+    c.read_to_string(&mut back).unwrap();
+    assert_eq!(back, "round trip on the poll thread");
+    drop(srv);
+}

@@ -120,6 +120,15 @@ impl FromStr for BindSpec {
     }
 }
 
+/// Logs (the runtime's `tracing` events) to stderr, coloured only on a terminal.
+pub fn init_logs() {
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
 impl DeviceArgs {
     /// Starts a runtime on the TAP with these options.
     pub fn start(&self) -> std::io::Result<Runtime> {
