@@ -8,6 +8,8 @@
 
 mod net;
 mod runtime;
+#[cfg(feature = "tokio")]
+mod tokio_net;
 
 pub use net::{ListenOptions, TcpListener, TcpStream, UdpSocket};
 pub use runtime::{Builder, InLoop, ListenerSnapshot, PollMode, Runtime, Snapshot, UdpSnapshot};

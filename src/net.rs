@@ -23,7 +23,7 @@ fn bind_error(e: BindError) -> io::Error {
     io::Error::new(kind, e)
 }
 
-fn connect_error(e: ConnectError) -> io::Error {
+pub(crate) fn connect_error(e: ConnectError) -> io::Error {
     let kind = match e {
         ConnectError::NonLocalSource(_) => io::ErrorKind::AddrNotAvailable,
         ConnectError::AddrInUse => io::ErrorKind::AddrInUse,
@@ -32,7 +32,7 @@ fn connect_error(e: ConnectError) -> io::Error {
     io::Error::new(kind, e)
 }
 
-fn send_error(e: SendError) -> io::Error {
+pub(crate) fn send_error(e: SendError) -> io::Error {
     let kind = match e {
         SendError::NonLocalSource(_) => io::ErrorKind::AddrNotAvailable,
         SendError::UnknownSocket => io::ErrorKind::NotConnected,
@@ -49,9 +49,9 @@ fn timed_out() -> io::Error {
 /// no more specific binding claims (see the README's bind semantics).
 #[derive(Debug)]
 pub struct TcpListener {
-    rt: Arc<Shared>,
+    pub(crate) rt: Arc<Shared>,
     handle: TcpListenerHandle,
-    queue: Arc<Backlog>,
+    pub(crate) queue: Arc<Backlog>,
 }
 
 /// Options of a [`TcpListener`].
@@ -155,8 +155,8 @@ impl Drop for TcpListener {
 #[derive(Debug)]
 pub struct TcpStream {
     conn: Arc<Conn>,
-    rt: Arc<Shared>,
-    pipe: Arc<Pipe>,
+    pub(crate) rt: Arc<Shared>,
+    pub(crate) pipe: Arc<Pipe>,
     read_timeout: Option<Duration>,
     write_timeout: Option<Duration>,
 }
@@ -176,7 +176,7 @@ impl Drop for Conn {
 }
 
 impl TcpStream {
-    fn from_pipe(rt: Arc<Shared>, pipe: Arc<Pipe>) -> TcpStream {
+    pub(crate) fn from_pipe(rt: Arc<Shared>, pipe: Arc<Pipe>) -> TcpStream {
         TcpStream {
             conn: Arc::new(Conn {
                 rt: rt.clone(),
@@ -375,9 +375,9 @@ impl Write for TcpStream {
 /// prefix and learns which one each was sent to.
 #[derive(Debug)]
 pub struct UdpSocket {
-    rt: Arc<Shared>,
-    handle: UdpHandle,
-    queue: Arc<DgramQueue>,
+    pub(crate) rt: Arc<Shared>,
+    pub(crate) handle: UdpHandle,
+    pub(crate) queue: Arc<DgramQueue>,
     read_timeout: Option<Duration>,
 }
 

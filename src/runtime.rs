@@ -437,6 +437,50 @@ pub(crate) enum Cmd {
         reply: Sender<String>,
     },
     Snapshot(Sender<Snapshot>),
+    /// Like `Connect`, answering into a slot an async task can wait on.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    ConnectAsync {
+        local: SocketAddr,
+        remote: SocketAddr,
+        pipe: Arc<Pipe>,
+        slot: Arc<Reply<Result<TcpHandle, ConnectError>>>,
+    },
+    /// Like `UdpSend`, answering into a slot.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    UdpSendAsync {
+        h: UdpHandle,
+        src: SocketAddr,
+        dst: SocketAddr,
+        data: Vec<u8>,
+        slot: Arc<Reply<Result<(), SendError>>>,
+    },
+}
+
+/// A one-shot answer from the poll thread that an async task can await.
+pub(crate) type Reply<T> = Guarded<Option<T>>;
+
+impl<T> Reply<T> {
+    fn put(&self, v: T) {
+        *self.lock() = Some(v);
+        self.notify();
+    }
+
+    /// Waits for the answer without blocking the thread.
+    #[cfg(feature = "tokio")]
+    pub(crate) async fn wait_async(&self, rt: &Shared) -> io::Result<T> {
+        std::future::poll_fn(|cx| {
+            let mut g = self.lock();
+            if let Some(v) = g.take() {
+                return std::task::Poll::Ready(Ok(v));
+            }
+            if !rt.is_running() {
+                return std::task::Poll::Ready(Err(stopped()));
+            }
+            self.register(&g, cx.waker());
+            std::task::Poll::Pending
+        })
+        .await
+    }
 }
 
 /// Counters of one TCP listener, with its binding.
@@ -625,11 +669,13 @@ impl Snapshot {
     }
 }
 
-/// A condition variable with its state.
+/// State shared with the poll thread, and the ways to wait for it to change: a condition
+/// variable for blocking handles, wakers for async ones.
 #[derive(Debug, Default)]
 pub(crate) struct Guarded<T> {
     m: Mutex<T>,
-    pub(crate) cv: Condvar,
+    cv: Condvar,
+    wakers: Mutex<Vec<std::task::Waker>>,
 }
 
 impl<T> Guarded<T> {
@@ -637,6 +683,27 @@ impl<T> Guarded<T> {
         Guarded {
             m: Mutex::new(t),
             cv: Condvar::new(),
+            wakers: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The state changed: wake blocked threads and pending tasks. Call without holding the
+    /// state's lock.
+    pub(crate) fn notify(&self) {
+        self.cv.notify_all();
+        let wakers = std::mem::take(&mut *self.wakers.lock().unwrap_or_else(|e| e.into_inner()));
+        for w in wakers {
+            w.wake();
+        }
+    }
+
+    /// Registers a task to wake at the next change. Call while holding the state's lock (the
+    /// guard proves it), after finding the state not ready, so that no change slips between.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn register(&self, _held: &MutexGuard<'_, T>, w: &std::task::Waker) {
+        let mut v = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
+        if !v.iter().any(|x| x.will_wake(w)) {
+            v.push(w.clone());
         }
     }
 
@@ -909,7 +976,7 @@ impl Shard {
                 self.stack.tcp_listener_close(now, l);
                 if let Some(q) = self.listeners.remove(&l) {
                     q.lock().closed = true;
-                    q.cv.notify_all();
+                    q.notify();
                 }
             }
             Cmd::Connect {
@@ -918,18 +985,21 @@ impl Shard {
                 pipe,
                 reply,
             } => {
-                let r = self.stack.tcp_connect(now, local, remote);
-                if let Ok(h) = r {
-                    {
-                        let mut p = pipe.lock();
-                        p.handle = Some(h);
-                        p.peer = Some(remote);
-                        p.local = self.stack.tcp_local_addr(h);
-                    }
-                    self.conns.insert(h, pipe);
-                }
-                let _ = reply.send(r);
+                let _ = reply.send(self.connect(now, local, remote, pipe));
             }
+            Cmd::ConnectAsync {
+                local,
+                remote,
+                pipe,
+                slot,
+            } => slot.put(self.connect(now, local, remote, pipe)),
+            Cmd::UdpSendAsync {
+                h,
+                src,
+                dst,
+                data,
+                slot,
+            } => slot.put(self.stack.udp_send(now, h, src, dst, &data)),
             Cmd::SetNodelay(h, on) => {
                 let _ = self.stack.tcp_set_nodelay(h, on);
             }
@@ -965,7 +1035,7 @@ impl Shard {
                 self.stack.udp_close(h);
                 if let Some(q) = self.udp.remove(&h) {
                     q.lock().closed = true;
-                    q.cv.notify_all();
+                    q.notify();
                 }
             }
             Cmd::Explain {
@@ -983,6 +1053,24 @@ impl Shard {
                 let _ = reply.send(self.snapshot());
             }
         }
+    }
+
+    fn connect(
+        &mut self,
+        now: Duration,
+        local: SocketAddr,
+        remote: SocketAddr,
+        pipe: Arc<Pipe>,
+    ) -> Result<TcpHandle, ConnectError> {
+        let h = self.stack.tcp_connect(now, local, remote)?;
+        {
+            let mut p = pipe.lock();
+            p.handle = Some(h);
+            p.peer = Some(remote);
+            p.local = self.stack.tcp_local_addr(h);
+        }
+        self.conns.insert(h, pipe);
+        Ok(h)
     }
 
     fn snapshot(&mut self) -> Snapshot {
@@ -1040,7 +1128,7 @@ impl Shard {
                 added = true;
             }
             if added {
-                q.cv.notify_all();
+                q.notify();
                 work = true;
             }
         }
@@ -1067,7 +1155,7 @@ impl Shard {
                 added = true;
             }
             if added {
-                q.cv.notify_all();
+                q.notify();
                 work = true;
             }
         }
@@ -1161,7 +1249,7 @@ impl Shard {
         }
         drop(p);
         if moved {
-            pipe.cv.notify_all();
+            pipe.notify();
         }
         (moved, done)
     }
@@ -1170,7 +1258,7 @@ impl Shard {
         for (l, q) in self.listeners.drain() {
             self.stack.tcp_listener_close(now, l);
             q.lock().closed = true;
-            q.cv.notify_all();
+            q.notify();
         }
     }
 
@@ -1183,11 +1271,11 @@ impl Shard {
                 g.error_text = "the runtime has stopped";
             }
             drop(g);
-            p.cv.notify_all();
+            p.notify();
         }
         for (_, q) in self.udp.drain() {
             q.lock().closed = true;
-            q.cv.notify_all();
+            q.notify();
         }
     }
 }
