@@ -7,19 +7,14 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::time::Duration;
 
-use common::{addr, two};
+use common::{addr, listen7, two};
 use subnetstack::demux::{PortSpec, Protocol};
 use subnetstack::{TcpListener, TcpStream, UdpSocket};
 
 #[test]
 fn a_stream_echoes_a_mebibyte_with_half_close_and_knows_both_addresses() {
     let (srv, cli) = two();
-    let l = TcpListener::bind(
-        &srv,
-        "198.18.1.0/24".parse().unwrap(),
-        PortSpec::exact(7).unwrap(),
-    )
-    .unwrap();
+    let l = listen7(&srv);
     let server = std::thread::spawn(move || {
         let (mut s, local, peer) = l.accept().unwrap();
         let mut buf = vec![0u8; 65536];

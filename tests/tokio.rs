@@ -3,20 +3,15 @@
 
 mod common;
 
-use common::{addr, two};
+use common::{addr, listen7, two};
 use subnetstack::demux::PortSpec;
-use subnetstack::{TcpListener, TcpStream, UdpSocket};
+use subnetstack::{TcpStream, UdpSocket};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_streams_echo_and_half_close() {
     let (srv, cli) = two();
-    let l = TcpListener::bind(
-        &srv,
-        "198.18.1.0/24".parse().unwrap(),
-        PortSpec::exact(7).unwrap(),
-    )
-    .unwrap();
+    let l = listen7(&srv);
     let server = tokio::spawn(async move {
         let (mut s, local, _) = l.accept_async().await.unwrap();
         let mut buf = vec![0u8; 8192];

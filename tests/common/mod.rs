@@ -5,10 +5,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use subnetstack::demux::HashKey;
+use subnetstack::demux::{HashKey, PortSpec};
 use subnetstack::ifaces::mem::{pair, LinkConfig};
 use subnetstack::ifaces::SystemClock;
-use subnetstack::Runtime;
+use subnetstack::{Runtime, TcpListener};
 
 /// A server runtime owning 198.18.1.0/24 and a client runtime owning 198.18.2.0/24, on one link.
 pub fn two() -> (Runtime, Runtime) {
@@ -28,4 +28,14 @@ pub fn two() -> (Runtime, Runtime) {
 /// A socket address literal.
 pub fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
+}
+
+/// A listener on the server runtime's 198.18.1.0/24, port 7.
+pub fn listen7(srv: &Runtime) -> TcpListener {
+    TcpListener::bind(
+        srv,
+        "198.18.1.0/24".parse().unwrap(),
+        PortSpec::exact(7).unwrap(),
+    )
+    .unwrap()
 }
