@@ -41,6 +41,19 @@ pub(crate) fn send_error(e: SendError) -> io::Error {
     io::Error::new(kind, e)
 }
 
+/// The shards' answers to a bind: the handles of those that bound, and the first refusal.
+fn split_binds<H>(results: Vec<Result<H, BindError>>) -> (Vec<H>, Option<BindError>) {
+    let mut handles = Vec::new();
+    let mut error = None;
+    for r in results {
+        match r {
+            Ok(h) => handles.push(h),
+            Err(e) => error = error.or(Some(e)),
+        }
+    }
+    (handles, error)
+}
+
 fn timed_out() -> io::Error {
     io::Error::new(io::ErrorKind::WouldBlock, "timed out")
 }
@@ -50,7 +63,8 @@ fn timed_out() -> io::Error {
 #[derive(Debug)]
 pub struct TcpListener {
     pub(crate) rt: Arc<Shared>,
-    handle: TcpListenerHandle,
+    /// One listener per shard, all feeding `queue`.
+    handles: Vec<TcpListenerHandle>,
     pub(crate) queue: Arc<Backlog>,
 }
 
@@ -91,28 +105,31 @@ impl TcpListener {
             cap: opts.backlog.max(1),
             ..Default::default()
         }));
-        let q = queue.clone();
-        let handle = rt
-            .shared
-            .call(|reply| Cmd::Listen {
-                prefix,
-                ports,
-                reuseport: opts.reuseport,
-                backlog: opts.backlog,
-                queue: q,
-                reply,
-            })?
-            .map_err(bind_error)?;
-        Ok(TcpListener {
+        // Every shard binds the same; the accepted connections of all meet in one queue.
+        let results = rt.shared.call_all(|reply| Cmd::Listen {
+            prefix,
+            ports,
+            reuseport: opts.reuseport,
+            backlog: opts.backlog,
+            queue: queue.clone(),
+            reply,
+        })?;
+        let (handles, error) = split_binds(results);
+        let l = TcpListener {
             rt: rt.shared.clone(),
-            handle,
+            handles,
             queue,
-        })
+        };
+        match error {
+            // Dropping `l` unbinds the shards that did bind.
+            Some(e) => Err(bind_error(e)),
+            None => Ok(l),
+        }
     }
 
     /// The listener's number (its demux `ListenerId`; also the `listener` label of its metrics).
     pub fn id(&self) -> u32 {
-        self.handle.id()
+        self.handles.first().map_or(u32::MAX, |h| h.id())
     }
 
     /// Waits for a connection: the stream, **the local address the client targeted**, and the
@@ -147,7 +164,9 @@ impl TcpListener {
 
 impl Drop for TcpListener {
     fn drop(&mut self) {
-        let _ = self.rt.command(Cmd::ListenerClose(self.handle));
+        for (i, &h) in self.handles.iter().enumerate() {
+            let _ = self.rt.command_to(i, Cmd::ListenerClose(h));
+        }
     }
 }
 
@@ -170,8 +189,11 @@ struct Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        self.pipe.lock().dropped = true;
-        self.rt.wake();
+        let mut g = self.pipe.lock();
+        g.dropped = true;
+        let shard = g.shard;
+        drop(g);
+        self.rt.wake(shard);
     }
 }
 
@@ -220,8 +242,9 @@ impl TcpStream {
     ) -> io::Result<TcpStream> {
         let pipe = Arc::new(Pipe::new(PipeState::new(rt.shared.ring)));
         let p = pipe.clone();
+        let shard = rt.shared.pick();
         rt.shared
-            .call(|reply| Cmd::Connect {
+            .call_to(shard, |reply| Cmd::Connect {
                 local,
                 remote,
                 pipe: p,
@@ -256,8 +279,10 @@ impl TcpStream {
 
     /// `TCP_NODELAY`: send small segments at once instead of waiting (Nagle off).
     pub fn set_nodelay(&self, nodelay: bool) -> io::Result<()> {
-        let h: TcpHandle = self.pipe.lock().handle.ok_or_else(stopped)?;
-        self.rt.command(Cmd::SetNodelay(h, nodelay))
+        let g = self.pipe.lock();
+        let (h, shard): (TcpHandle, usize) = (g.handle.ok_or_else(stopped)?, g.shard);
+        drop(g);
+        self.rt.command_to(shard, Cmd::SetNodelay(h, nodelay))
     }
 
     /// Reads wait at most this long (`None`: forever); a timeout is `WouldBlock`, as in std.
@@ -283,8 +308,9 @@ impl TcpStream {
             g.rx.clear();
             g.eof = true;
         }
+        let shard = g.shard;
         drop(g);
-        self.rt.wake();
+        self.rt.wake(shard);
         Ok(())
     }
 }
@@ -305,10 +331,11 @@ impl Read for TcpStream {
             for (d, s) in buf.iter_mut().zip(g.rx.drain(..n)) {
                 *d = s;
             }
+            let shard = g.shard;
             drop(g);
             if was_full {
                 // The poll thread stopped pulling for want of room.
-                self.rt.wake();
+                self.rt.wake(shard);
             }
             return Ok(n);
         }
@@ -352,8 +379,9 @@ impl Write for TcpStream {
         }
         let n = buf.len().min(g.cap - g.tx.len());
         g.tx.extend(&buf[..n]);
+        let shard = g.shard;
         drop(g);
-        self.rt.wake();
+        self.rt.wake(shard);
         Ok(n)
     }
 
@@ -376,7 +404,8 @@ impl Write for TcpStream {
 #[derive(Debug)]
 pub struct UdpSocket {
     pub(crate) rt: Arc<Shared>,
-    pub(crate) handle: UdpHandle,
+    /// One socket per shard, all feeding `queue`.
+    pub(crate) handles: Vec<UdpHandle>,
     pub(crate) queue: Arc<DgramQueue>,
     read_timeout: Option<Duration>,
 }
@@ -393,23 +422,24 @@ impl UdpSocket {
             cap: 1024,
             ..Default::default()
         }));
-        let q = queue.clone();
-        let handle = rt
-            .shared
-            .call(|reply| Cmd::UdpBind {
-                prefix,
-                ports,
-                reuseport,
-                queue: q,
-                reply,
-            })?
-            .map_err(bind_error)?;
-        Ok(UdpSocket {
+        let results = rt.shared.call_all(|reply| Cmd::UdpBind {
+            prefix,
+            ports,
+            reuseport,
+            queue: queue.clone(),
+            reply,
+        })?;
+        let (handles, error) = split_binds(results);
+        let u = UdpSocket {
             rt: rt.shared.clone(),
-            handle,
+            handles,
             queue,
             read_timeout: None,
-        })
+        };
+        match error {
+            Some(e) => Err(bind_error(e)),
+            None => Ok(u),
+        }
     }
 
     /// Receives a datagram: `(length, source, local destination)`. A datagram longer than `buf`
@@ -420,8 +450,13 @@ impl UdpSocket {
         let (mut g, ready) = self.queue.wait_until(g, self.read_timeout, |q| {
             !q.queue.is_empty() || q.closed || !rt.is_running()
         });
+        let was_full = g.queue.len() == g.cap;
         match g.queue.pop_front() {
             Some(d) => {
+                drop(g);
+                if was_full {
+                    self.rt.wake_all();
+                }
                 let n = buf.len().min(d.payload.len());
                 buf[..n].copy_from_slice(&d.payload[..n]);
                 Ok((n, d.src, d.dst))
@@ -438,9 +473,10 @@ impl UdpSocket {
         local: SocketAddr,
         remote: SocketAddr,
     ) -> io::Result<usize> {
+        let i = self.shard_for(local, remote);
         self.rt
-            .call(|reply| Cmd::UdpSend {
-                h: self.handle,
+            .call_to(i, |reply| Cmd::UdpSend {
+                h: self.handles[i],
                 src: local,
                 dst: remote,
                 data: data.to_vec(),
@@ -457,16 +493,28 @@ impl UdpSocket {
     }
 }
 
+impl UdpSocket {
+    /// The shard that sends a flow's datagrams: always the same one, so that the kernel keeps
+    /// the flow's answers on that shard's queue.
+    pub(crate) fn shard_for(&self, local: SocketAddr, remote: SocketAddr) -> usize {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one((local, remote));
+        (h % self.handles.len().max(1) as u64) as usize
+    }
+}
+
 impl Drop for UdpSocket {
     fn drop(&mut self) {
-        let _ = self.rt.command(Cmd::UdpClose(self.handle));
+        for (i, &h) in self.handles.iter().enumerate() {
+            let _ = self.rt.command_to(i, Cmd::UdpClose(h));
+        }
     }
 }
 
 impl Runtime {
     /// Which binding and reuseport member a packet `src -> dst` of `proto` would reach, and why.
     pub fn explain(&self, proto: Protocol, src: SocketAddr, dst: SocketAddr) -> io::Result<String> {
-        self.shared.call(|reply| Cmd::Explain {
+        self.shared.call_to(0, |reply| Cmd::Explain {
             proto,
             src,
             dst,

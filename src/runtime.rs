@@ -11,11 +11,11 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,7 @@ use ipnet::IpNet;
 use subnetstack_demux::{BindError, BindPolicy, HashKey, PortSpec};
 use subnetstack_ifaces::pcap::Capture;
 use subnetstack_ifaces::tap::{Tap, TapConfig};
-use subnetstack_ifaces::{Clock, Device, Mac, SystemClock};
+use subnetstack_ifaces::{Batch, Clock, Device, FrameMeta, Mac, SystemClock};
 use subnetstack_stack::poll::Driver;
 use subnetstack_stack::{
     Config, ConnectError, Counters, IoError, ListenerStats, SendError, Stack, TcpConfig, TcpError,
@@ -61,7 +61,7 @@ pub struct Builder {
     in_loop: Option<InLoop>,
     prefixes: Vec<IpNet>,
     tap: Option<TapConfig>,
-    device: Option<Box<dyn Device>>,
+    devices: Vec<Box<dyn Device>>,
     mac: Option<Mac>,
     gateway_v4: Option<Ipv4Addr>,
     gateway_v6: Option<Ipv6Addr>,
@@ -72,6 +72,7 @@ pub struct Builder {
     hash_key: Option<HashKey>,
     ring: usize,
     grace: Duration,
+    queues: usize,
 }
 
 impl std::fmt::Debug for Builder {
@@ -90,7 +91,7 @@ impl Default for Builder {
             in_loop: None,
             prefixes: Vec::new(),
             tap: None,
-            device: None,
+            devices: Vec::new(),
             mac: None,
             gateway_v4: None,
             gateway_v6: None,
@@ -101,6 +102,7 @@ impl Default for Builder {
             hash_key: None,
             ring: 256 * 1024,
             grace: Duration::from_secs(5),
+            queues: 1,
         }
     }
 }
@@ -115,7 +117,9 @@ impl Builder {
     /// Runs on the TAP interface `name` (created if absent, attached if it exists; the caller
     /// configures the kernel side).
     pub fn tap(mut self, name: &str) -> Self {
-        self.tap = Some(TapConfig::new(name));
+        let mut t = TapConfig::new(name);
+        t.queues = self.queues;
+        self.tap = Some(t);
         self
     }
 
@@ -126,8 +130,21 @@ impl Builder {
     }
 
     /// Runs on an already opened device (a TAP queue, a memory pair end, an impaired device).
+    /// Call it again to add devices: each gets its own poll thread (shard).
     pub fn device(mut self, dev: Box<dyn Device>) -> Self {
-        self.device = Some(dev);
+        self.devices.push(dev);
+        self
+    }
+
+    /// Opens the TAP with this many queues, one poll thread (shard) each. The kernel spreads
+    /// flows over the queues; a connection lives in the shard its first packet reached (or, for
+    /// connections the runtime opens, the shard that sent the SYN, which the kernel then keeps
+    /// the flow on).
+    pub fn queues(mut self, n: usize) -> Self {
+        if let Some(t) = self.tap.as_mut() {
+            t.queues = n.max(1);
+        }
+        self.queues = n.max(1);
         self
     }
 
@@ -199,29 +216,39 @@ impl Builder {
         self
     }
 
-    /// Opens the device and starts the poll thread.
+    /// Opens the device and starts the poll threads.
     pub fn start(self) -> io::Result<Runtime> {
         let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
         if self.prefixes.is_empty() {
             return Err(invalid("no local prefixes".into()));
         }
-        let dev: Box<dyn Device> = match (self.device, &self.tap) {
-            (Some(d), _) => d,
-            (None, Some(cfg)) => Box::new(
-                Tap::open(cfg)?
-                    .into_iter()
-                    .next()
-                    .ok_or_else(|| invalid("no TAP queue".into()))?,
-            ),
-            (None, None) => return Err(invalid("no device: call tap() or device()".into())),
+        let mut devs: Vec<Box<dyn Device>> = match (self.devices.is_empty(), &self.tap) {
+            (false, _) => self.devices,
+            (true, Some(cfg)) => Tap::open(cfg)?
+                .into_iter()
+                .map(|t| Box::new(t) as Box<dyn Device>)
+                .collect(),
+            (true, None) => return Err(invalid("no device: call tap() or device()".into())),
         };
-        let dev: Box<dyn Device> = match &self.pcap {
-            Some(p) => Box::new(Capture::new(dev, p, Arc::new(SystemClock::new()))?),
-            None => dev,
-        };
-        let mac = self.mac.unwrap_or(dev.info().mac);
+        if let Some(p) = &self.pcap {
+            // One capture per shard: the first keeps the name, others get `.1`, `.2`...
+            let mut wrapped = Vec::new();
+            for (i, d) in devs.into_iter().enumerate() {
+                let path = match i {
+                    0 => p.clone(),
+                    i => p.with_extension(format!("{i}.pcap")),
+                };
+                wrapped.push(
+                    Box::new(Capture::new(d, path, Arc::new(SystemClock::new()))?)
+                        as Box<dyn Device>,
+                );
+            }
+            devs = wrapped;
+        }
+        let mac = self.mac.unwrap_or(devs[0].info().mac);
         tracing::info!(
-            device = %dev.info().name,
+            device = %devs[0].info().name,
+            shards = devs.len(),
             prefixes = self.prefixes.len(),
             poll = ?self.poll,
             "subnetstack runtime starting"
@@ -231,42 +258,60 @@ impl Builder {
         cfg.gateway_v6 = self.gateway_v6;
         cfg.tcp = self.tcp.clone();
         cfg.bind_policy = self.bind_policy;
-        cfg.hash_key = self.hash_key;
-        let stack = Stack::new(cfg).map_err(|e| invalid(format!("{e:?}")))?;
-        let (tx, rx) = bounded(4096);
+        // Every shard hashes flows with the same key, so reuseport picks agree across shards.
+        cfg.hash_key = Some(self.hash_key.unwrap_or_else(HashKey::random));
+        let mut stacks = Vec::new();
+        let mut links = Vec::new();
+        let mut rxs = Vec::new();
+        for _ in &devs {
+            stacks.push(Stack::new(cfg.clone()).map_err(|e| invalid(format!("{e:?}")))?);
+            let (tx, rx) = bounded(4096);
+            links.push(ShardLink {
+                cmds: tx,
+                waker: Waker::new()?,
+                counters: Mutex::new(Counters::default()),
+            });
+            rxs.push(rx);
+        }
         let shared = Arc::new(Shared {
-            cmds: tx,
-            waker: Waker::new()?,
+            shards: links,
+            flows: RwLock::new(HashMap::new()),
+            handoffs: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             running: AtomicBool::new(true),
-            counters: Mutex::new(Counters::default()),
+            next: AtomicUsize::new(0),
             ring: self.ring,
         });
-        let sh = shared.clone();
-        let (poll, grace, in_loop) = (self.poll, self.grace, self.in_loop);
-        let thread = std::thread::Builder::new()
-            .name("subnetstack-shard".into())
-            .spawn(move || {
-                let mut shard = Shard::new(stack, dev, rx, sh.clone(), poll, grace);
-                shard.in_loop = in_loop;
-                shard.run();
-                sh.running.store(false, Ordering::SeqCst);
-                shard.stack
-            })?;
-        Ok(Runtime {
-            shared,
-            thread: Some(thread),
-        })
+        let (poll, grace) = (self.poll, self.grace);
+        let mut in_loop = self.in_loop;
+        let mut threads = Vec::new();
+        for (i, ((stack, dev), rx)) in stacks.into_iter().zip(devs).zip(rxs).enumerate() {
+            let sh = shared.clone();
+            // In-loop logic runs on the first shard.
+            let lp = if i == 0 { in_loop.take() } else { None };
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("subnetstack-shard-{i}"))
+                    .spawn(move || {
+                        let mut shard = Shard::new(stack, dev, rx, sh.clone(), poll, grace, i);
+                        shard.in_loop = lp;
+                        shard.run();
+                        sh.running.store(false, Ordering::SeqCst);
+                        shard.stack
+                    })?,
+            );
+        }
+        Ok(Runtime { shared, threads })
     }
 }
 
-/// A running stack: one poll thread over one device. Handles made from it
+/// A running stack: one poll thread (shard) per device queue. Handles made from it
 /// ([`TcpListener`](crate::TcpListener), [`TcpStream`](crate::TcpStream),
 /// [`UdpSocket`](crate::UdpSocket)) may be used from any thread. Dropping it shuts down.
 #[derive(Debug)]
 pub struct Runtime {
     pub(crate) shared: Arc<Shared>,
-    thread: Option<JoinHandle<Stack>>,
+    threads: Vec<JoinHandle<Stack>>,
 }
 
 impl Runtime {
@@ -278,26 +323,42 @@ impl Runtime {
     /// A snapshot of the stack's counters (drops by reason, TCP totals), at most a few
     /// milliseconds old.
     pub fn counters(&self) -> Counters {
-        self.shared.lock_counters().clone()
+        let mut c = Counters::default();
+        for l in &self.shared.shards {
+            c.add(&l.lock_counters());
+        }
+        c
     }
 
-    /// Everything counted, per binding too, taken on the poll thread now
-    /// ([`Snapshot::prometheus`] renders it for `/metrics`).
+    /// Everything counted, per binding too (summed over shards), taken on the poll threads
+    /// now ([`Snapshot::prometheus`] renders it for `/metrics`).
     pub fn snapshot(&self) -> io::Result<Snapshot> {
-        self.shared.call(Cmd::Snapshot)
+        let parts = self.shared.call_all(Cmd::Snapshot)?;
+        let mut s = Snapshot::merge(parts);
+        s.shard_handoffs = self.shared.handoffs.load(Ordering::Relaxed);
+        Ok(s)
+    }
+
+    /// Poll threads (one per device queue).
+    pub fn shards(&self) -> usize {
+        self.shared.shards.len()
     }
 
     /// Stops accepting, lets open connections drain (up to the grace period), closes the
-    /// device and joins the poll thread. Returns the stack for inspection.
-    pub fn shutdown(mut self) -> Stack {
-        self.stop().expect("the poll thread ran")
+    /// device and joins the poll threads. Returns each shard's stack for inspection.
+    pub fn shutdown(mut self) -> Vec<Stack> {
+        self.stop()
     }
 
-    fn stop(&mut self) -> Option<Stack> {
-        let t = self.thread.take()?;
+    fn stop(&mut self) -> Vec<Stack> {
         self.shared.stop.store(true, Ordering::SeqCst);
-        self.shared.waker.wake_now();
-        t.join().ok()
+        for l in &self.shared.shards {
+            l.waker.wake_now();
+        }
+        self.threads
+            .drain(..)
+            .filter_map(|t| t.join().ok())
+            .collect()
     }
 }
 
@@ -307,46 +368,90 @@ impl Drop for Runtime {
     }
 }
 
-/// What application threads and the poll thread share.
+/// What application threads and the poll threads share.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    cmds: Sender<Cmd>,
-    waker: Waker,
+    shards: Vec<ShardLink>,
+    /// Connections the runtime opened, by `(local, remote)`, and their shard: if the kernel
+    /// delivers their segments on another queue, that shard passes them on.
+    flows: RwLock<HashMap<(SocketAddr, SocketAddr), usize>>,
+    /// Frames one shard passed to another.
+    handoffs: AtomicU64,
     stop: AtomicBool,
     running: AtomicBool,
-    counters: Mutex<Counters>,
+    next: AtomicUsize,
     pub(crate) ring: usize,
 }
 
+/// The way to one shard.
+#[derive(Debug)]
+struct ShardLink {
+    cmds: Sender<Cmd>,
+    waker: Waker,
+    counters: Mutex<Counters>,
+}
+
+impl ShardLink {
+    fn lock_counters(&self) -> MutexGuard<'_, Counters> {
+        self.counters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 impl Shared {
-    /// Sends a command and wakes the poll thread.
-    pub(crate) fn command(&self, c: Cmd) -> io::Result<()> {
+    /// A shard for a new outgoing flow (round robin).
+    pub(crate) fn pick(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed) % self.shards.len()
+    }
+
+    /// Sends a command to shard `i` and wakes it.
+    pub(crate) fn command_to(&self, i: usize, c: Cmd) -> io::Result<()> {
         if !self.running.load(Ordering::SeqCst) || self.stop.load(Ordering::SeqCst) {
             return Err(stopped());
         }
-        self.cmds.send(c).map_err(|_| stopped())?;
-        self.waker.wake();
+        let l = &self.shards[i % self.shards.len()];
+        l.cmds.send(c).map_err(|_| stopped())?;
+        l.waker.wake();
         Ok(())
     }
 
-    /// Sends a command and waits for its answer.
-    pub(crate) fn call<T>(&self, make: impl FnOnce(Sender<T>) -> Cmd) -> io::Result<T> {
+    /// Sends a command to shard `i` and waits for its answer.
+    pub(crate) fn call_to<T>(
+        &self,
+        i: usize,
+        make: impl FnOnce(Sender<T>) -> Cmd,
+    ) -> io::Result<T> {
         let (tx, rx) = bounded(1);
-        self.command(make(tx))?;
+        self.command_to(i, make(tx))?;
         rx.recv().map_err(|_| stopped())
     }
 
-    /// Wakes the poll thread (data was put in a ring).
-    pub(crate) fn wake(&self) {
-        self.waker.wake();
+    /// Sends a command to every shard; returns their answers in shard order.
+    pub(crate) fn call_all<T>(&self, make: impl Fn(Sender<T>) -> Cmd) -> io::Result<Vec<T>> {
+        let mut rxs = Vec::new();
+        for i in 0..self.shards.len() {
+            let (tx, rx) = bounded(1);
+            self.command_to(i, make(tx))?;
+            rxs.push(rx);
+        }
+        rxs.into_iter()
+            .map(|rx| rx.recv().map_err(|_| stopped()))
+            .collect()
+    }
+
+    /// Wakes shard `i` (data was put in one of its rings).
+    pub(crate) fn wake(&self, i: usize) {
+        self.shards[i % self.shards.len()].waker.wake();
+    }
+
+    /// Wakes every shard.
+    pub(crate) fn wake_all(&self) {
+        for l in &self.shards {
+            l.waker.wake();
+        }
     }
 
     pub(crate) fn is_running(&self) -> bool {
         self.running.load(Ordering::SeqCst)
-    }
-
-    fn lock_counters(&self) -> MutexGuard<'_, Counters> {
-        self.counters.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -437,6 +542,10 @@ pub(crate) enum Cmd {
         reply: Sender<String>,
     },
     Snapshot(Sender<Snapshot>),
+    /// Another shard learned where a neighbour is.
+    Neighbor(IpAddr, Mac),
+    /// A frame of one of this shard's connections that arrived on another shard's queue.
+    Frame(Vec<u8>, FrameMeta),
     /// Like `Connect`, answering into a slot an async task can wait on.
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     ConnectAsync {
@@ -514,9 +623,38 @@ pub struct Snapshot {
     pub tcp: Vec<ListenerSnapshot>,
     /// Per UDP socket.
     pub udp: Vec<UdpSnapshot>,
+    /// Frames a shard received for a connection another shard opened, and passed on (the
+    /// kernel put the flow on another queue).
+    pub shard_handoffs: u64,
 }
 
 impl Snapshot {
+    /// Sums shards' snapshots (listeners and sockets by binding).
+    pub(crate) fn merge(parts: Vec<Snapshot>) -> Snapshot {
+        let mut out = Snapshot::default();
+        for p in parts {
+            out.counters.add(&p.counters);
+            out.tcp_connections += p.tcp_connections;
+            for l in p.tcp {
+                match out.tcp.iter_mut().find(|o| o.binding == l.binding) {
+                    Some(o) => o.stats.add(&l.stats),
+                    None => out.tcp.push(l),
+                }
+            }
+            for u in p.udp {
+                match out.udp.iter_mut().find(|o| o.binding == u.binding) {
+                    Some(o) => {
+                        o.stats.queued += u.stats.queued;
+                        o.stats.received += u.stats.received;
+                        o.stats.dropped += u.stats.dropped;
+                    }
+                    None => out.udp.push(u),
+                }
+            }
+        }
+        out
+    }
+
     /// The Prometheus text exposition format (version 0.0.4), ready to serve at `/metrics`.
     pub fn prometheus(&self) -> String {
         use std::fmt::Write as _;
@@ -764,6 +902,10 @@ pub(crate) struct PipeState {
     pub(crate) local: Option<SocketAddr>,
     pub(crate) peer: Option<SocketAddr>,
     pub(crate) handle: Option<TcpHandle>,
+    /// The shard the connection lives in.
+    pub(crate) shard: usize,
+    /// The runtime opened it (it is in `Shared::flows`).
+    pub(crate) active_open: bool,
 }
 
 impl PipeState {
@@ -817,6 +959,8 @@ pub(crate) struct DgramState {
 
 /// The poll thread's state.
 struct Shard {
+    index: usize,
+    rx: Batch,
     stack: Stack,
     drv: Driver<Box<dyn Device>>,
     cmds: Receiver<Cmd>,
@@ -841,8 +985,12 @@ impl Shard {
         shared: Arc<Shared>,
         poll: PollMode,
         grace: Duration,
+        index: usize,
     ) -> Shard {
+        let max = dev.info().max_frame();
         Shard {
+            index,
+            rx: Batch::new(32, max),
             stack,
             drv: Driver::new(dev),
             cmds,
@@ -865,9 +1013,9 @@ impl Shard {
         let mut stopping: Option<Instant> = None;
         loop {
             let now = self.clock.now();
-            self.shared.waker.pending.store(false, Ordering::SeqCst);
-            let mut work = match self.drv.poll(&mut self.stack, now) {
-                Ok(n) => n > 0,
+            self.link().waker.pending.store(false, Ordering::SeqCst);
+            let mut work = match self.receive(now) {
+                Ok(w) => w,
                 Err(e) => {
                     tracing::error!(error = %e, "device failed; the runtime stops");
                     break;
@@ -885,8 +1033,9 @@ impl Shard {
                 tracing::error!(error = %e, "device failed; the runtime stops");
                 break;
             }
+            self.share_neighbors();
             if last_counters.elapsed() > Duration::from_millis(5) {
-                *self.shared.lock_counters() = self.stack.counters().clone();
+                *self.link().lock_counters() = self.stack.counters().clone();
                 last_counters = Instant::now();
             }
             if self.shared.stop.load(Ordering::SeqCst) {
@@ -909,14 +1058,14 @@ impl Shard {
                 _ => self.sleep(now),
             }
         }
-        *self.shared.lock_counters() = self.stack.counters().clone();
+        *self.link().lock_counters() = self.stack.counters().clone();
         tracing::info!(counters = %self.stack.counters(), "subnetstack runtime stopped");
         self.fail_all();
     }
 
     /// Sleeps on the device, the wakeup fd and the stack's next deadline.
     fn sleep(&mut self, now: Duration) {
-        let w = &self.shared.waker;
+        let w = &self.shared.shards[self.index].waker;
         w.sleeping.store(true, Ordering::SeqCst);
         if w.pending.swap(false, Ordering::SeqCst) || !self.cmds.is_empty() {
             w.sleeping.store(false, Ordering::SeqCst);
@@ -950,8 +1099,71 @@ impl Shard {
         }
     }
 
+    /// Receives a batch into the stack (passing other shards' connections on), runs its timers
+    /// if due, and transmits. Returns whether frames arrived.
+    fn receive(&mut self, now: Duration) -> io::Result<bool> {
+        self.rx.clear();
+        let n = self.drv.device_mut().recv(&mut self.rx)?;
+        let sharded = self.shared.shards.len() > 1;
+        for f in self.rx.frames() {
+            if sharded {
+                if let Some(owner) = self.owner_elsewhere(f.data()) {
+                    let l = &self.shared.shards[owner];
+                    let _ = l.cmds.try_send(Cmd::Frame(f.data().to_vec(), f.meta));
+                    l.waker.wake();
+                    self.shared.handoffs.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            }
+            self.stack.handle_frame(now, f.data(), f.meta);
+        }
+        if self.stack.poll_timeout().is_some_and(|t| t <= now) {
+            self.stack.handle_timeout(now);
+        }
+        self.drv.flush(&mut self.stack)?;
+        Ok(n > 0)
+    }
+
+    /// The other shard a frame belongs to: a TCP segment of a connection this shard does not
+    /// have and another one opened.
+    fn owner_elsewhere(&self, frame: &[u8]) -> Option<usize> {
+        let (local, remote) = Stack::tcp_flow_of(frame)?;
+        if self.stack.tcp_has_flow(local, remote) {
+            return None;
+        }
+        let flows = self.shared.flows.read().unwrap_or_else(|e| e.into_inner());
+        flows
+            .get(&(local, remote))
+            .copied()
+            .filter(|&o| o != self.index)
+    }
+
+    fn link(&self) -> &ShardLink {
+        &self.shared.shards[self.index]
+    }
+
+    /// Tells the other shards what this one learned from ARP/NDP: the answer to one shard's
+    /// question may arrive on another's queue.
+    fn share_neighbors(&mut self) {
+        let learned = self.stack.take_learned_neighbors();
+        if learned.is_empty() || self.shared.shards.len() == 1 {
+            return;
+        }
+        for (i, l) in self.shared.shards.iter().enumerate() {
+            if i != self.index {
+                for &(ip, mac) in &learned {
+                    // Never block on a busy shard: a missed hint costs one more resolution.
+                    let _ = l.cmds.try_send(Cmd::Neighbor(ip, mac));
+                }
+                l.waker.wake();
+            }
+        }
+    }
+
     fn command(&mut self, now: Duration, c: Cmd) {
         match c {
+            Cmd::Neighbor(ip, mac) => self.stack.teach_neighbor(now, ip, mac),
+            Cmd::Frame(data, meta) => self.stack.handle_frame(now, &data, meta),
             Cmd::Listen {
                 prefix,
                 ports,
@@ -1065,9 +1277,18 @@ impl Shard {
         let h = self.stack.tcp_connect(now, local, remote)?;
         {
             let mut p = pipe.lock();
+            p.shard = self.index;
             p.handle = Some(h);
             p.peer = Some(remote);
             p.local = self.stack.tcp_local_addr(h);
+            if let (true, Some(l)) = (self.shared.shards.len() > 1, p.local) {
+                p.active_open = true;
+                self.shared
+                    .flows
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert((l, remote), self.index);
+            }
         }
         self.conns.insert(h, pipe);
         Ok(h)
@@ -1103,6 +1324,7 @@ impl Shard {
             tcp_connections: self.stack.tcp_connections(),
             tcp,
             udp,
+            shard_handoffs: 0,
         }
     }
 
@@ -1118,6 +1340,7 @@ impl Shard {
                     break;
                 };
                 let mut st = PipeState::new(self.shared.ring);
+                st.shard = self.index;
                 st.established = true;
                 st.local = Some(local);
                 st.peer = Some(remote);
@@ -1142,7 +1365,16 @@ impl Shard {
             }
         }
         for h in gone {
-            self.conns.remove(&h);
+            if let Some(p) = self.conns.remove(&h) {
+                let g = p.lock();
+                if let (true, Some(l), Some(r)) = (g.active_open, g.local, g.peer) {
+                    self.shared
+                        .flows
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&(l, r));
+                }
+            }
         }
         for (&h, q) in &self.udp {
             let mut g = q.lock();

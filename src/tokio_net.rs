@@ -49,12 +49,15 @@ impl TcpStream {
     ) -> io::Result<TcpStream> {
         let pipe = Arc::new(Pipe::new(PipeState::new(rt.shared.ring)));
         let slot = Arc::new(Reply::default());
-        rt.shared.command(Cmd::ConnectAsync {
-            local,
-            remote,
-            pipe: pipe.clone(),
-            slot: slot.clone(),
-        })?;
+        rt.shared.command_to(
+            rt.shared.pick(),
+            Cmd::ConnectAsync {
+                local,
+                remote,
+                pipe: pipe.clone(),
+                slot: slot.clone(),
+            },
+        )?;
         slot.wait_async(&rt.shared)
             .await?
             .map_err(crate::net::connect_error)?;
@@ -93,9 +96,10 @@ impl AsyncRead for TcpStream {
             buf.put_slice(&a[..first]);
             buf.put_slice(&b[..n - first]);
             g.rx.drain(..n);
+            let shard = g.shard;
             drop(g);
             if was_full {
-                self.rt.wake();
+                self.rt.wake(shard);
             }
             return Poll::Ready(Ok(()));
         }
@@ -139,8 +143,9 @@ impl AsyncWrite for TcpStream {
         }
         let n = room.min(data.len());
         g.tx.extend(&data[..n]);
+        let shard = g.shard;
         drop(g);
-        self.rt.wake();
+        self.rt.wake(shard);
         Poll::Ready(Ok(n))
     }
 
@@ -158,8 +163,11 @@ impl AsyncWrite for TcpStream {
 
     /// Sends FIN once everything written is handed over (half-close; reading goes on).
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.pipe.lock().write_shut = true;
-        self.rt.wake();
+        let mut g = self.pipe.lock();
+        g.write_shut = true;
+        let shard = g.shard;
+        drop(g);
+        self.rt.wake(shard);
         self.poll_flush(cx)
     }
 }
@@ -172,7 +180,12 @@ impl UdpSocket {
     ) -> io::Result<(usize, SocketAddr, SocketAddr)> {
         poll_fn(|cx| {
             let mut g = self.queue.lock();
+            let was_full = g.queue.len() == g.cap;
             if let Some(d) = g.queue.pop_front() {
+                drop(g);
+                if was_full {
+                    self.rt.wake_all();
+                }
                 let n = buf.len().min(d.payload.len());
                 buf[..n].copy_from_slice(&d.payload[..n]);
                 return Poll::Ready(Ok((n, d.src, d.dst)));
@@ -194,13 +207,17 @@ impl UdpSocket {
         remote: SocketAddr,
     ) -> io::Result<usize> {
         let slot = Arc::new(Reply::default());
-        self.rt.command(Cmd::UdpSendAsync {
-            h: self.handle,
-            src: local,
-            dst: remote,
-            data: data.to_vec(),
-            slot: slot.clone(),
-        })?;
+        let i = self.shard_for(local, remote);
+        self.rt.command_to(
+            i,
+            Cmd::UdpSendAsync {
+                h: self.handles[i],
+                src: local,
+                dst: remote,
+                data: data.to_vec(),
+                slot: slot.clone(),
+            },
+        )?;
         slot.wait_async(&self.rt)
             .await?
             .map_err(crate::net::send_error)?;

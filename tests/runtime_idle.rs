@@ -32,8 +32,9 @@ fn an_idle_runtime_sleeps_and_shutdown_ends_its_handles() {
         used < Duration::from_millis(100),
         "{used:?} of CPU in a second of idling"
     );
-    let stack = cli.shutdown();
-    assert!(stack.tcp_connections() <= 1);
+    let stacks = cli.shutdown();
+    assert_eq!(stacks.len(), 1, "one shard per device");
+    assert!(stacks[0].tcp_connections() <= 1);
     let mut b = [0u8; 4];
     assert!(c.read(&mut b).is_err(), "the runtime is gone");
 }

@@ -27,7 +27,7 @@ pub struct DeviceArgs {
     /// Next hop for peers outside the local prefixes (one per family).
     #[arg(long = "gateway", value_name = "IP")]
     pub gateways: Vec<IpAddr>,
-    /// Device queues (poll threads). One for now.
+    /// TAP queues, one poll thread (shard) each.
     #[arg(long, default_value_t = 1)]
     pub queues: usize,
     /// Write every frame to this pcap file.
@@ -132,13 +132,7 @@ pub fn init_logs() {
 impl DeviceArgs {
     /// Starts a runtime on the TAP with these options.
     pub fn start(&self) -> std::io::Result<Runtime> {
-        if self.queues != 1 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::Unsupported,
-                "one queue for now: one poll thread per queue is not implemented yet",
-            ));
-        }
-        let mut b = Runtime::builder().tap(&self.tap);
+        let mut b = Runtime::builder().queues(self.queues).tap(&self.tap);
         for p in &self.prefixes {
             b = b.prefix(*p);
         }

@@ -140,6 +140,32 @@ impl Counters {
         self.drops[r as usize] += 1;
     }
 
+    /// Adds `other`'s counts to these (the runtime sums its shards).
+    pub fn add(&mut self, other: &Counters) {
+        self.rx_frames += other.rx_frames;
+        self.tx_frames += other.tx_frames;
+        self.echo_replies += other.echo_replies;
+        self.neighbor_replies += other.neighbor_replies;
+        self.udp_delivered += other.udp_delivered;
+        self.udp_sent += other.udp_sent;
+        self.reassembled += other.reassembled;
+        self.tcp_time_wait_skipped += other.tcp_time_wait_skipped;
+        self.tcp_time_wait_reused += other.tcp_time_wait_reused;
+        self.tcp_syncookies_sent += other.tcp_syncookies_sent;
+        self.tcp_syncookies_valid += other.tcp_syncookies_valid;
+        self.tcp_handed_over += other.tcp_handed_over;
+        self.tcp_retransmitted_bytes += other.tcp_retransmitted_bytes;
+        self.tcp_timeouts += other.tcp_timeouts;
+        self.tcp_recoveries += other.tcp_recoveries;
+        self.tcp_probes += other.tcp_probes;
+        if self.drops.len() < other.drops.len() {
+            self.drops.resize(other.drops.len(), 0);
+        }
+        for (a, b) in self.drops.iter_mut().zip(&other.drops) {
+            *a += b;
+        }
+    }
+
     /// Drops counted under `r`.
     pub fn dropped(&self, r: DropReason) -> u64 {
         self.drops.get(r as usize).copied().unwrap_or(0)

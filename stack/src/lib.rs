@@ -231,6 +231,8 @@ pub struct Stack {
     local6: PrefixMap<Ipv6Net, ()>,
     demux: Demux,
     neigh: NeighborCache,
+    /// Neighbours learned from the wire since the last `take_learned_neighbors` (bounded).
+    learned: Vec<(IpAddr, Mac)>,
     reasm: Reassembler,
     udp: Vec<Option<UdpSock>>,
     free_udp: Vec<u32>,
@@ -303,6 +305,7 @@ impl Stack {
         Ok(Stack {
             demux: Demux::with_key(cfg.bind_policy, key),
             neigh: NeighborCache::new(cfg.neighbors.clone()),
+            learned: Vec::new(),
             reasm: Reassembler::new(cfg.reassembly.clone()),
             icmp_tokens: cfg.icmp_error_burst,
             icmp_refill: Duration::ZERO,
@@ -338,6 +341,31 @@ impl Stack {
     /// Counters.
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// Learns `ip` at `mac` from the wire (creating the entry if `create`), sends what waited
+    /// for it, and notes it for [`take_learned_neighbors`](Self::take_learned_neighbors).
+    fn learn_neighbor(&mut self, now: Duration, ip: IpAddr, mac: Mac, create: bool) {
+        for f in self.neigh.learn(ip, mac, now, create) {
+            self.queue_tx(f);
+        }
+        if self.neigh.get(ip, now) == Some(mac) && self.learned.len() < 256 {
+            self.learned.push((ip, mac));
+        }
+    }
+
+    /// Neighbours learned from the wire since the last call. Shards of one device share them
+    /// ([`teach_neighbor`](Self::teach_neighbor)): an ARP or NDP answer arrives on whichever
+    /// queue the kernel picks, not necessarily the asking shard's.
+    pub fn take_learned_neighbors(&mut self) -> Vec<(IpAddr, Mac)> {
+        std::mem::take(&mut self.learned)
+    }
+
+    /// Tells the stack that `ip` is at `mac` (learned by another shard), sending what waited.
+    pub fn teach_neighbor(&mut self, now: Duration, ip: IpAddr, mac: Mac) {
+        for f in self.neigh.learn(ip, mac, now, true) {
+            self.queue_tx(f);
+        }
     }
 
     /// Entries in the neighbour cache (next hops the stack sends to; never local addresses).
@@ -376,6 +404,44 @@ impl Stack {
 
     // ---- input ------------------------------------------------------------------------
 
+    /// The TCP flow of an Ethernet frame as `(local, remote)` (destination, source), if it is
+    /// an unfragmented TCP segment over IPv4 or IPv6 (no extension headers). For steering
+    /// frames between shards before they are handled; malformed frames give `None`.
+    pub fn tcp_flow_of(frame: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
+        let eth = EthernetFrame::new_checked(frame).ok()?;
+        let p = eth.payload();
+        let (src, dst, l4): (IpAddr, IpAddr, &[u8]) = match eth.ethertype() {
+            EthernetProtocol::Ipv4 => {
+                let ihl = usize::from(*p.first()? & 0x0f) * 4;
+                let frag = u16::from_be_bytes([*p.get(6)?, *p.get(7)?]) & 0x3fff;
+                if p.len() < ihl + 4 || ihl < 20 || p[9] != 6 || frag != 0 {
+                    return None;
+                }
+                let a = |o: usize| IpAddr::V4(Ipv4Addr::new(p[o], p[o + 1], p[o + 2], p[o + 3]));
+                (a(12), a(16), &p[ihl..])
+            }
+            EthernetProtocol::Ipv6 => {
+                if p.len() < 44 || p[6] != 6 {
+                    return None;
+                }
+                let a = |o: usize| {
+                    IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&p[o..o + 16]).ok()?)).into()
+                };
+                let (s, d): (Option<IpAddr>, Option<IpAddr>) = (a(8), a(24));
+                (s?, d?, &p[40..])
+            }
+            _ => return None,
+        };
+        let sport = u16::from_be_bytes([l4[0], l4[1]]);
+        let dport = u16::from_be_bytes([l4[2], l4[3]]);
+        Some((SocketAddr::new(dst, dport), SocketAddr::new(src, sport)))
+    }
+
+    /// Whether the stack has a TCP connection `local <-> remote`.
+    pub fn tcp_has_flow(&self, local: SocketAddr, remote: SocketAddr) -> bool {
+        self.tcp.has_flow(local, remote)
+    }
+
     /// Processes one received Ethernet frame.
     pub fn handle_frame(&mut self, now: Duration, frame: &[u8], meta: FrameMeta) {
         self.counters.rx_frames += 1;
@@ -411,15 +477,12 @@ impl Stack {
         let for_us = self.is_local4(target_protocol_addr);
         // RFC 826: refresh a known sender; add it when the packet is for us.
         if !source_protocol_addr.is_unspecified() {
-            let flushed = self.neigh.learn(
+            self.learn_neighbor(
+                now,
                 source_protocol_addr.into(),
                 source_hardware_addr.0,
-                now,
                 for_us,
             );
-            for f in flushed {
-                self.queue_tx(f);
-            }
         }
         if !for_us {
             return self.drop(DropReason::ArpNotLocal);
@@ -750,9 +813,7 @@ impl Stack {
                         }
                         if let (false, Some(ll)) = (src.is_unspecified(), lladdr) {
                             if let Ok(mac) = <[u8; 6]>::try_from(ll.as_bytes()) {
-                                for f in self.neigh.learn(src.into(), mac, now, true) {
-                                    self.queue_tx(f);
-                                }
+                                self.learn_neighbor(now, src.into(), mac, true);
                             }
                         }
                         // Duplicate address detection (unspecified source) gets a multicast answer.
@@ -781,9 +842,7 @@ impl Stack {
                         ..
                     } => {
                         if let Ok(mac) = <[u8; 6]>::try_from(ll.as_bytes()) {
-                            for f in self.neigh.learn(target_addr.into(), mac, now, false) {
-                                self.queue_tx(f);
-                            }
+                            self.learn_neighbor(now, target_addr.into(), mac, false);
                         }
                     }
                     _ => self.drop(DropReason::IcmpUnhandled),

@@ -129,6 +129,21 @@ pub struct ListenerStats {
     pub bytes_out: u64,
 }
 
+impl ListenerStats {
+    /// Adds `o`'s counts (the runtime sums a binding's listeners over its shards).
+    pub fn add(&mut self, o: &ListenerStats) {
+        self.syns += o.syns;
+        self.syncookies_sent += o.syncookies_sent;
+        self.syncookies_valid += o.syncookies_valid;
+        self.accepted += o.accepted;
+        self.overflows += o.overflows;
+        self.resets += o.resets;
+        self.active += o.active;
+        self.bytes_in += o.bytes_in;
+        self.bytes_out += o.bytes_out;
+    }
+}
+
 /// What became of an ACK that matched no connection.
 enum CookieAck {
     /// It carried a valid cookie: the connection exists now.
@@ -195,6 +210,10 @@ impl Tcp {
 
     pub(crate) fn next_deadline(&self) -> Option<Duration> {
         self.wheel.next_deadline()
+    }
+
+    pub(crate) fn has_flow(&self, local: SocketAddr, remote: SocketAddr) -> bool {
+        self.table.contains_key(&(local, remote))
     }
 }
 
