@@ -205,6 +205,7 @@ impl Builder {
 
     /// Runs `f` on the poll thread after every round (see [`InLoop`]): for proxies that want
     /// their logic next to the packets. Handles from other threads keep working beside it.
+    /// Needs a single queue ([`start`](Self::start) refuses more).
     pub fn in_loop(mut self, f: impl FnMut(&mut Stack, Duration) -> bool + Send + 'static) -> Self {
         self.in_loop = Some(Box::new(f));
         self
@@ -244,6 +245,12 @@ impl Builder {
                 );
             }
             devs = wrapped;
+        }
+        if self.in_loop.is_some() && devs.len() > 1 {
+            // The closure holds one stack's handles; other shards would not know its bindings.
+            return Err(invalid(
+                "in-loop logic needs a single queue: each shard has its own stack".into(),
+            ));
         }
         let mac = self.mac.unwrap_or(devs[0].info().mac);
         tracing::info!(
@@ -287,7 +294,7 @@ impl Builder {
         let mut threads = Vec::new();
         for (i, ((stack, dev), rx)) in stacks.into_iter().zip(devs).zip(rxs).enumerate() {
             let sh = shared.clone();
-            // In-loop logic runs on the first shard.
+            // In-loop logic runs on the only shard.
             let lp = if i == 0 { in_loop.take() } else { None };
             threads.push(
                 std::thread::Builder::new()
