@@ -284,6 +284,7 @@ impl Builder {
             shards: links,
             flows: RwLock::new(HashMap::new()),
             handoffs: AtomicU64::new(0),
+            handovers: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             running: AtomicBool::new(true),
             next: AtomicUsize::new(0),
@@ -343,6 +344,7 @@ impl Runtime {
         let parts = self.shared.call_all(Cmd::Snapshot)?;
         let mut s = Snapshot::merge(parts);
         s.shard_handoffs = self.shared.handoffs.load(Ordering::Relaxed);
+        s.counters.tcp_handed_over += self.shared.handovers.load(Ordering::Relaxed);
         Ok(s)
     }
 
@@ -384,6 +386,9 @@ pub(crate) struct Shared {
     flows: RwLock<HashMap<(SocketAddr, SocketAddr), usize>>,
     /// Frames one shard passed to another.
     handoffs: AtomicU64,
+    /// Accepted connections a closing listener gave to a sibling before the application took
+    /// them (the stack counts those still in its own queue).
+    handovers: AtomicU64,
     stop: AtomicBool,
     running: AtomicBool,
     next: AtomicUsize,
@@ -1191,13 +1196,7 @@ impl Shard {
                 }
                 let _ = reply.send(r);
             }
-            Cmd::ListenerClose(l) => {
-                self.stack.tcp_listener_close(now, l);
-                if let Some(q) = self.listeners.remove(&l) {
-                    q.lock().closed = true;
-                    q.notify();
-                }
-            }
+            Cmd::ListenerClose(l) => self.close_listener(now, l),
             Cmd::Connect {
                 local,
                 remote,
@@ -1270,6 +1269,56 @@ impl Shard {
             }
             Cmd::Snapshot(reply) => {
                 let _ = reply.send(self.snapshot());
+            }
+        }
+    }
+
+    /// Closes a listener. Connections it accepted that the application has not taken yet go,
+    /// like the stack's own queue, to the reuseport sibling their flow now hashes to, or are
+    /// reset if there is none.
+    fn close_listener(&mut self, now: Duration, l: TcpListenerHandle) {
+        self.stack.tcp_listener_close(now, l);
+        let Some(q) = self.listeners.remove(&l) else {
+            return;
+        };
+        let name = self.names.remove(&(true, l.id())).unwrap_or_default();
+        let queued: Vec<_> = {
+            let mut g = q.lock();
+            g.closed = true;
+            g.queue.drain(..).collect()
+        };
+        q.notify();
+        for (pipe, local, peer) in queued {
+            let heir =
+                subnetstack_demux::Flow::new(peer.ip(), peer.port(), local.ip(), local.port())
+                    .ok()
+                    .and_then(|f| {
+                        let id = self
+                            .stack
+                            .demux()
+                            .snapshot()
+                            .lookup(subnetstack_demux::Protocol::Tcp, &f)?
+                            .listener
+                            .0;
+                        self.listeners
+                            .iter()
+                            .find(|(h, _)| u64::from(h.id()) == id)
+                            .filter(|(h, _)| self.names.get(&(true, h.id())) == Some(&name))
+                            .map(|(_, q)| q.clone())
+                    });
+            match heir {
+                Some(sib) => {
+                    sib.lock().queue.push_back((pipe, local, peer));
+                    sib.notify();
+                    self.shared.handovers.fetch_add(1, Ordering::Relaxed);
+                }
+                None => {
+                    let h = pipe.lock().handle;
+                    if let Some(h) = h {
+                        self.stack.tcp_abort(now, h);
+                        self.conns.remove(&h);
+                    }
+                }
             }
         }
     }
