@@ -1358,11 +1358,15 @@ impl Conn {
         }
         if self.sack_ok {
             // RFC 6675 5 (C): while the pipe leaves room, resend what is lost.
-            while self.pipe() + mss <= self.cwnd.max(mss) {
-                let Some((seq, len)) = self.board.next_lost(mss) else {
-                    break;
-                };
-                self.resend(now, seq, len, out);
+            if self.board.has_lost() {
+                let mut pipe = self.pipe();
+                while pipe + mss <= self.cwnd.max(mss) {
+                    let Some((seq, len)) = self.board.next_lost(mss) else {
+                        break;
+                    };
+                    self.resend(now, seq, len, out);
+                    pipe += len;
+                }
             }
         }
         let sent_before = out.len();
@@ -1537,6 +1541,8 @@ impl Conn {
 
     fn send_data(&mut self, now: Duration, out: &mut Vec<SegOut>) {
         let mss = self.seg_limit() as usize;
+        // The pipe once, then what this call adds (it is a pass over the scoreboard).
+        let mut pipe = self.pipe() as usize;
         loop {
             // Going back from SND.UNA, skip what the peer SACKed.
             if let Some(end) = self.board.sacked_run_end(self.snd_nxt) {
@@ -1550,7 +1556,7 @@ impl Conn {
             let unsent = self.send.len().saturating_sub(sent_data);
             // The peer's window bounds sequence space; the congestion window bounds the pipe.
             let wnd_room = (self.snd_wnd as usize).saturating_sub(sent);
-            let cc_room = self.cwnd.saturating_sub(self.pipe()) as usize;
+            let cc_room = (self.cwnd as usize).saturating_sub(pipe);
             let mut len = unsent.min(wnd_room).min(cc_room).min(mss);
             // Do not run into a SACKed range when resending.
             if let Some(l) = self.board.next_sacked_after(self.snd_nxt) {
@@ -1580,6 +1586,7 @@ impl Conn {
             }
             self.snd_nxt = seq + len as u32 + u32::from(want_fin);
             self.board.on_send(seq, self.snd_nxt, now);
+            pipe += len;
             self.rearm_probe = true;
             self.snd_max = self.snd_max.max(self.snd_nxt);
             if want_fin {

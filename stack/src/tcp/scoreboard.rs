@@ -54,12 +54,22 @@ pub struct Scoreboard {
     /// spurious) and reset after 16 recoveries without one (RFC 8985 6.2 step 4).
     reo_mult: u32,
     recoveries_left: u32,
+    /// Records SACKed, and records lost and not SACKed: kept so that the questions asked per
+    /// segment sent are O(1) when the answer is "none".
+    sacked_n: usize,
+    lost_n: usize,
 }
 
 impl Scoreboard {
     /// Forgets everything (the connection ended, or the peer may have reneged).
     pub fn clear(&mut self) {
         self.recs = VecDeque::new();
+        self.recount();
+    }
+
+    fn recount(&mut self) {
+        self.sacked_n = self.recs.iter().filter(|r| r.sacked).count();
+        self.lost_n = self.recs.iter().filter(|r| r.lost && !r.sacked).count();
     }
 
     /// Records that `[start, end)` was sent at `now` (new data, or a retransmission).
@@ -82,6 +92,7 @@ impl Scoreboard {
                         r.lost = false;
                     }
                 }
+                self.recount();
                 return;
             }
         }
@@ -152,6 +163,7 @@ impl Scoreboard {
                 f.start = ack;
             }
         }
+        self.recount();
         if self.recs.is_empty() && self.recs.capacity() > 0 {
             // Idle connections hold no scoreboard memory.
             self.recs = VecDeque::new();
@@ -203,7 +215,7 @@ impl Scoreboard {
     }
 
     fn sacked_segments(&self) -> usize {
-        self.recs.iter().filter(|r| r.sacked).count()
+        self.sacked_n
     }
 
     /// Marks lost segments (RACK, plus RFC 6675's DupThresh rule with `mss`). Returns whether any
@@ -249,6 +261,9 @@ impl Scoreboard {
                 newly = true;
             }
         }
+        if newly {
+            self.recount();
+        }
         (newly, timer.map(Duration::from_micros))
     }
 
@@ -257,6 +272,7 @@ impl Scoreboard {
         for r in self.recs.iter_mut().filter(|r| !r.sacked) {
             r.lost = true;
         }
+        self.recount();
     }
 
     /// Forgets SACK marks (the peer may have reneged).
@@ -264,10 +280,14 @@ impl Scoreboard {
         for r in self.recs.iter_mut() {
             r.sacked = false;
         }
+        self.recount();
     }
 
     /// The first lost segment awaiting retransmission: `(seq, len)`, at most `max` bytes.
     pub fn next_lost(&self, max: u32) -> Option<(Seq, u32)> {
+        if self.lost_n == 0 {
+            return None;
+        }
         self.recs
             .iter()
             .find(|r| r.lost && !r.sacked)
@@ -294,6 +314,9 @@ impl Scoreboard {
 
     /// If `seq` lies in a SACKed segment, where that SACKed run ends.
     pub fn sacked_run_end(&self, seq: Seq) -> Option<Seq> {
+        if self.sacked_n == 0 {
+            return None;
+        }
         let i = self
             .recs
             .iter()
@@ -310,6 +333,9 @@ impl Scoreboard {
 
     /// The start of the first SACKed segment after `seq`.
     pub fn next_sacked_after(&self, seq: Seq) -> Option<Seq> {
+        if self.sacked_n == 0 {
+            return None;
+        }
         self.recs
             .iter()
             .find(|r| r.sacked && r.start > seq)
@@ -323,7 +349,7 @@ impl Scoreboard {
 
     /// Whether any segment is deemed lost and not yet retransmitted.
     pub fn has_lost(&self) -> bool {
-        self.recs.iter().any(|r| r.lost && !r.sacked)
+        self.lost_n > 0
     }
 
     /// SACKed ranges, merged (for diagnostics).

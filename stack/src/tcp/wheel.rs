@@ -17,6 +17,11 @@ pub struct TimerWheel {
     /// The next tick to visit.
     tick: u64,
     len: usize,
+    /// A tick at or before the earliest entry, once known, so that asking for the next
+    /// deadline (every poll round) does not scan the slots again.
+    earliest: std::cell::Cell<Option<u64>>,
+    /// One bit per slot holding entries, so that a scan skips empty slots 64 at a time.
+    occupied: [u64; SLOTS / 64],
 }
 
 impl Default for TimerWheel {
@@ -36,6 +41,8 @@ impl TimerWheel {
             slots: vec![Vec::new(); SLOTS],
             tick: 0,
             len: 0,
+            earliest: std::cell::Cell::new(None),
+            occupied: [0; SLOTS / 64],
         }
     }
 
@@ -52,13 +59,21 @@ impl TimerWheel {
     /// Arms `id` to fire at `at` (rounded up to the next tick; never in the past).
     pub fn arm(&mut self, id: u32, at: Duration) {
         let t = ticks(at + TICK - Duration::from_nanos(1)).max(self.tick);
-        self.slots[(t as usize) % SLOTS].push((t, id));
+        let i = (t as usize) % SLOTS;
+        self.slots[i].push((t, id));
+        self.occupied[i / 64] |= 1 << (i % 64);
         self.len += 1;
+        if let Some(e) = self.earliest.get() {
+            self.earliest.set(Some(e.min(t)));
+        }
     }
 
     /// Moves every entry due at `now` into `out`.
     pub fn expire(&mut self, now: Duration, out: &mut Vec<u32>) {
         let target = ticks(now);
+        if self.earliest.get().is_some_and(|e| e <= target) {
+            self.earliest.set(None);
+        }
         if self.len == 0 {
             self.tick = self.tick.max(target + 1);
             return;
@@ -66,7 +81,12 @@ impl TimerWheel {
         // Visit each slot at most once, however far time jumped.
         let last = target.min(self.tick + SLOTS as u64 - 1);
         while self.tick <= last {
-            let slot = &mut self.slots[(self.tick as usize) % SLOTS];
+            let i = (self.tick as usize) % SLOTS;
+            if self.occupied[i / 64] & (1 << (i % 64)) == 0 {
+                self.tick += 1;
+                continue;
+            }
+            let slot = &mut self.slots[i];
             let before = slot.len();
             slot.retain(|&(t, id)| {
                 if t <= target {
@@ -77,6 +97,9 @@ impl TimerWheel {
                 }
             });
             self.len -= before - slot.len();
+            if slot.is_empty() {
+                self.occupied[i / 64] &= !(1 << (i % 64));
+            }
             self.tick += 1;
         }
         self.tick = self.tick.max(target + 1);
@@ -87,19 +110,44 @@ impl TimerWheel {
         if self.len == 0 {
             return None;
         }
-        for k in 0..SLOTS as u64 {
-            let slot = &self.slots[((self.tick + k) as usize) % SLOTS];
-            if let Some(t) = slot
+        if let Some(e) = self.earliest.get() {
+            return Some(TICK * e as u32);
+        }
+        let found = self.scan();
+        self.earliest.set(Some(found));
+        Some(TICK * found as u32)
+    }
+
+    /// The earliest tick within the next turn, or the turn's end if every entry is later.
+    fn scan(&self) -> u64 {
+        let turn_end = self.tick + SLOTS as u64;
+        let mut k = 0u64;
+        while k < SLOTS as u64 {
+            let i = ((self.tick + k) as usize) % SLOTS;
+            // Skip the empty slots of this word at once.
+            let rest = self.occupied[i / 64] >> (i % 64);
+            if rest == 0 {
+                k += 64 - (i % 64) as u64;
+                continue;
+            }
+            let skip = u64::from(rest.trailing_zeros());
+            k += skip;
+            if k >= SLOTS as u64 {
+                break;
+            }
+            let i = ((self.tick + k) as usize) % SLOTS;
+            if let Some(t) = self.slots[i]
                 .iter()
                 .map(|e| e.0)
-                .filter(|&t| t < self.tick + SLOTS as u64)
+                .filter(|&t| t < turn_end)
                 .min()
             {
-                return Some(TICK * t as u32);
+                return t;
             }
+            k += 1;
         }
         // Only later rounds: wake up after one turn to look again.
-        Some(TICK * (self.tick + SLOTS as u64) as u32)
+        turn_end
     }
 }
 
@@ -138,6 +186,47 @@ mod tests {
         w.arm(9, ms(1));
         w.expire(ms(5001), &mut out);
         assert_eq!(out, vec![3, 9]);
+    }
+
+    #[test]
+    fn matches_a_naive_list_under_random_arms_and_jumps() {
+        let mut w = TimerWheel::new();
+        let mut naive: Vec<(u64, u32)> = Vec::new();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = |m: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % m
+        };
+        let mut now = 0u64;
+        let mut out = Vec::new();
+        for id in 0..20_000u32 {
+            if rnd(3) > 0 {
+                // Mostly near, sometimes several turns away.
+                let span = if rnd(10) == 0 { 20_000 } else { 300 };
+                let at = now + rnd(span);
+                w.arm(id, ms(at));
+                naive.push((at.max(now + 1).max(w.tick), id));
+            } else {
+                let span = if rnd(20) == 0 { 9000 } else { 50 };
+                now += rnd(span);
+                out.clear();
+                w.expire(ms(now), &mut out);
+                out.sort();
+                let mut due: Vec<u32> = naive.iter().filter(|e| e.0 <= now).map(|e| e.1).collect();
+                due.sort();
+                naive.retain(|e| e.0 > now);
+                assert_eq!(out, due, "at {now}");
+            }
+            // The deadline given is at or before the earliest entry, and within a turn of now.
+            let min = naive.iter().map(|e| e.0).min();
+            match (w.next_deadline(), min) {
+                (None, None) => {}
+                (Some(d), Some(m)) => assert!(d <= ms(m), "{d:?} after {m} ms"),
+                (d, m) => panic!("{d:?} vs {m:?}"),
+            }
+        }
     }
 
     #[test]
