@@ -24,6 +24,10 @@ use subnetstack::{ListenOptions, Runtime, TcpListener, TcpStream};
 struct Args {
     #[command(flatten)]
     dev: common::DeviceArgs,
+    /// Answer `GET /` with this fixed body instead of naming the binding (for side-by-side
+    /// benchmarks against servers that answer a fixed body).
+    #[arg(long, value_name = "TEXT")]
+    fixed_body: Option<String>,
 }
 
 /// One parsed request: method, target, whether the connection stays open after it.
@@ -119,6 +123,7 @@ fn serve(
     rt: &Runtime,
     mut s: TcpStream,
     name: &str,
+    fixed: Option<&str>,
     local: SocketAddr,
     peer: SocketAddr,
 ) -> io::Result<()> {
@@ -134,7 +139,10 @@ fn serve(
                 keep,
             )?;
         } else if req.target == "/" {
-            let body = format!("binding {name} local {local} peer {peer}\n");
+            let body = match fixed {
+                Some(f) => f.to_owned(),
+                None => format!("binding {name} local {local} peer {peer}\n"),
+            };
             respond(&mut s, "200 OK", "text/plain", body.as_bytes(), keep)?;
         } else if let Some(n) = req.target.strip_prefix("/big?bytes=") {
             let n: u64 = n.parse().unwrap_or(0);
@@ -196,11 +204,12 @@ fn main() -> io::Result<()> {
         );
         println!("http on {b}");
         let rt = rt.clone();
+        let fixed = args.fixed_body.clone();
         threads.push(std::thread::spawn(move || {
             while let Ok((s, local, peer)) = l.accept() {
-                let (rt, name) = (rt.clone(), name.clone());
+                let (rt, name, fixed) = (rt.clone(), name.clone(), fixed.clone());
                 std::thread::spawn(move || {
-                    if let Err(e) = serve(&rt, s, &name, local, peer) {
+                    if let Err(e) = serve(&rt, s, &name, fixed.as_deref(), local, peer) {
                         eprintln!("{peer} -> {local}: {e}");
                     }
                 });

@@ -710,6 +710,21 @@ impl Snapshot {
                 "Retransmission timeouts of ended connections.",
                 c.tcp_timeouts,
             ),
+            (
+                "tcp_time_wait_reused_total",
+                "TIME-WAIT ended early by a newer SYN.",
+                c.tcp_time_wait_reused,
+            ),
+            (
+                "tcp_time_wait_skipped_total",
+                "Closes that skipped TIME-WAIT (limit reached).",
+                c.tcp_time_wait_skipped,
+            ),
+            (
+                "tcp_handed_over_total",
+                "Queued connections given to a reuseport sibling.",
+                c.tcp_handed_over,
+            ),
         ] {
             family(&mut o, name, "counter", help);
             let _ = writeln!(o, "subnetstack_{name} {v}");

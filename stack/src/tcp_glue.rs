@@ -280,6 +280,13 @@ impl Stack {
         (self.cfg.mtu - if v6 { 60 } else { 40 }).min(65535) as u16
     }
 
+    /// The timestamp clock offset for a pair of addresses: a keyed hash of the addresses only
+    /// (not the ports), so that it is the same for every connection between them.
+    fn ts_offset(&self, local: SocketAddr, remote: SocketAddr) -> u32 {
+        let f = Flow::new(remote.ip(), 0, local.ip(), 0).expect("one family");
+        (self.demux.key().flow_hash(&f) >> 32) as u32
+    }
+
     /// RFC 6528: a keyed hash of the 4-tuple plus a 4 µs clock.
     fn isn(&self, now: Duration, local: SocketAddr, remote: SocketAddr) -> Seq {
         let f =
@@ -592,7 +599,8 @@ impl Stack {
         lis.pending += 1;
         let iss = self.isn(now, local, remote);
         let v6 = local.is_ipv6();
-        let conn = Conn::accept(self.tcp.cfg.clone(), self.tcp_mss(v6), v6, iss, seg, now);
+        let mut conn = Conn::accept(self.tcp.cfg.clone(), self.tcp_mss(v6), v6, iss, seg, now);
+        conn.set_ts_offset(self.ts_offset(local, remote));
         let idx = self.tcp_insert(Sock {
             conn,
             local,
@@ -624,7 +632,7 @@ impl Stack {
         let ts = match (cfg.timestamps, syn.ts) {
             (true, Some((tsval, _))) => Some((
                 CookieJar::ts_encode(
-                    Conn::tsval(cookie, now),
+                    Conn::tsval(self.ts_offset(local, remote), now),
                     syn.wscale,
                     cfg.sack && syn.sack_permitted,
                 ),
@@ -698,7 +706,9 @@ impl Stack {
             ..Default::default()
         };
         let v6 = local.is_ipv6();
-        let conn = Conn::from_cookie(self.tcp.cfg.clone(), self.tcp_mss(v6), v6, iss, &syn, now);
+        let mut conn =
+            Conn::from_cookie(self.tcp.cfg.clone(), self.tcp_mss(v6), v6, iss, &syn, now);
+        conn.set_ts_offset(self.ts_offset(local, remote));
         if let Some(Some(lis)) = self.tcp.listeners.get_mut(l as usize) {
             lis.pending += 1;
             lis.stats.syncookies_valid += 1;
@@ -916,7 +926,8 @@ impl Stack {
         };
         let iss = self.isn(now, local, remote);
         let v6 = local.is_ipv6();
-        let conn = Conn::connect(self.tcp.cfg.clone(), self.tcp_mss(v6), v6, iss, now);
+        let mut conn = Conn::connect(self.tcp.cfg.clone(), self.tcp_mss(v6), v6, iss, now);
+        conn.set_ts_offset(self.ts_offset(local, remote));
         let idx = self.tcp_insert(Sock {
             conn,
             local,

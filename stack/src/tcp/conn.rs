@@ -666,10 +666,18 @@ impl Conn {
         (wnd >> self.rcv_shift).min(65535) as u16
     }
 
-    /// Our TSval clock at `now` for a connection whose ISN is `iss` (each connection's clock
-    /// has its own offset, so timestamps reveal no host uptime).
-    pub fn tsval(iss: Seq, now: Duration) -> u32 {
-        ms(now).wrapping_add(iss.0.rotate_left(13))
+    /// Our TSval clock at `now` with the offset `offset` (see
+    /// [`set_ts_offset`](Self::set_ts_offset)).
+    pub fn tsval(offset: u32, now: Duration) -> u32 {
+        ms(now).wrapping_add(offset)
+    }
+
+    /// Sets the offset of the connection's timestamp clock; call before it sends anything. The
+    /// stack derives it from a keyed hash of the two addresses, as Linux does: timestamps reveal
+    /// no uptime, and stay monotonic across incarnations of a 4-tuple, which peers rely on when
+    /// they reuse a port (a fresh random offset each time makes the next SYN-ACK look older).
+    pub fn set_ts_offset(&mut self, offset: u32) {
+        self.ts_offset = offset;
     }
 
     fn ts_option(&self, now: Duration) -> Option<(u32, u32)> {

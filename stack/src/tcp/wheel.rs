@@ -2,9 +2,13 @@
 //!
 //! Entries carry an id (a connection) and an absolute deadline. Cancelling is the owner's job:
 //! when an entry fires, the owner checks whether it still wants that deadline (each connection
-//! keeps one armed deadline, its earliest timer, and re-arms after handling). Slots are visited
-//! once per tick; an entry whose deadline is a later round stays in its slot.
+//! keeps one armed deadline, its earliest timer, and re-arms after handling). The slots hold
+//! only the current turn (4,096 ticks); later deadlines (TIME-WAIT's minute, keepalive) wait in
+//! a heap and move into their slot when the wheel reaches their turn, so that neither expiry nor
+//! the next-deadline question ever walks over entries that are not due this turn.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::time::Duration;
 
 const SLOTS: usize = 4096;
@@ -14,13 +18,15 @@ const TICK: Duration = Duration::from_millis(1);
 #[derive(Debug)]
 pub struct TimerWheel {
     slots: Vec<Vec<(u64, u32)>>,
+    /// Entries due after the current turn, earliest first.
+    far: BinaryHeap<Reverse<(u64, u32)>>,
     /// The next tick to visit.
     tick: u64,
     len: usize,
     /// A tick at or before the earliest entry, once known, so that asking for the next
-    /// deadline (every poll round) does not scan the slots again.
+    /// deadline (every poll round) does not look again.
     earliest: std::cell::Cell<Option<u64>>,
-    /// One bit per slot holding entries, so that a scan skips empty slots 64 at a time.
+    /// One bit per slot holding entries, so that a search skips empty slots 64 at a time.
     occupied: [u64; SLOTS / 64],
 }
 
@@ -39,6 +45,7 @@ impl TimerWheel {
     pub fn new() -> Self {
         TimerWheel {
             slots: vec![Vec::new(); SLOTS],
+            far: BinaryHeap::new(),
             tick: 0,
             len: 0,
             earliest: std::cell::Cell::new(None),
@@ -56,12 +63,20 @@ impl TimerWheel {
         self.len == 0
     }
 
-    /// Arms `id` to fire at `at` (rounded up to the next tick; never in the past).
-    pub fn arm(&mut self, id: u32, at: Duration) {
-        let t = ticks(at + TICK - Duration::from_nanos(1)).max(self.tick);
+    fn place(&mut self, t: u64, id: u32) {
+        if t >= self.tick + SLOTS as u64 {
+            self.far.push(Reverse((t, id)));
+            return;
+        }
         let i = (t as usize) % SLOTS;
         self.slots[i].push((t, id));
         self.occupied[i / 64] |= 1 << (i % 64);
+    }
+
+    /// Arms `id` to fire at `at` (rounded up to the next tick; never in the past).
+    pub fn arm(&mut self, id: u32, at: Duration) {
+        let t = ticks(at + TICK - Duration::from_nanos(1)).max(self.tick);
+        self.place(t, id);
         self.len += 1;
         if let Some(e) = self.earliest.get() {
             self.earliest.set(Some(e.min(t)));
@@ -82,30 +97,32 @@ impl TimerWheel {
         let last = target.min(self.tick + SLOTS as u64 - 1);
         while self.tick <= last {
             let i = (self.tick as usize) % SLOTS;
-            if self.occupied[i / 64] & (1 << (i % 64)) == 0 {
-                self.tick += 1;
-                continue;
-            }
-            let slot = &mut self.slots[i];
-            let before = slot.len();
-            slot.retain(|&(t, id)| {
-                if t <= target {
-                    out.push(id);
-                    false
-                } else {
-                    true
-                }
-            });
-            self.len -= before - slot.len();
-            if slot.is_empty() {
+            if self.occupied[i / 64] & (1 << (i % 64)) != 0 {
+                // A slot holds only this turn's entries: all of them are due.
+                let slot = &mut self.slots[i];
+                self.len -= slot.len();
+                out.extend(slot.drain(..).map(|(_, id)| id));
                 self.occupied[i / 64] &= !(1 << (i % 64));
             }
             self.tick += 1;
         }
         self.tick = self.tick.max(target + 1);
+        // Entries of the turn now begun (or already due, after a long jump) come in.
+        while let Some(&Reverse((t, id))) = self.far.peek() {
+            if t >= self.tick + SLOTS as u64 {
+                break;
+            }
+            self.far.pop();
+            if t <= target {
+                out.push(id);
+                self.len -= 1;
+            } else {
+                self.place(t, id);
+            }
+        }
     }
 
-    /// A time at or before the earliest entry (exact within the next wheel turn), if any.
+    /// A time at or before the earliest entry, if any.
     pub fn next_deadline(&self) -> Option<Duration> {
         if self.len == 0 {
             return None;
@@ -113,41 +130,29 @@ impl TimerWheel {
         if let Some(e) = self.earliest.get() {
             return Some(TICK * e as u32);
         }
-        let found = self.scan();
+        let found = self.search();
         self.earliest.set(Some(found));
         Some(TICK * found as u32)
     }
 
-    /// The earliest tick within the next turn, or the turn's end if every entry is later.
-    fn scan(&self) -> u64 {
-        let turn_end = self.tick + SLOTS as u64;
+    /// The earliest entry's tick: the first occupied slot of the turn, else the heap's top.
+    fn search(&self) -> u64 {
         let mut k = 0u64;
         while k < SLOTS as u64 {
             let i = ((self.tick + k) as usize) % SLOTS;
-            // Skip the empty slots of this word at once.
             let rest = self.occupied[i / 64] >> (i % 64);
             if rest == 0 {
                 k += 64 - (i % 64) as u64;
                 continue;
             }
-            let skip = u64::from(rest.trailing_zeros());
-            k += skip;
-            if k >= SLOTS as u64 {
-                break;
+            k += u64::from(rest.trailing_zeros());
+            if k < SLOTS as u64 {
+                return self.tick + k;
             }
-            let i = ((self.tick + k) as usize) % SLOTS;
-            if let Some(t) = self.slots[i]
-                .iter()
-                .map(|e| e.0)
-                .filter(|&t| t < turn_end)
-                .min()
-            {
-                return t;
-            }
-            k += 1;
         }
-        // Only later rounds: wake up after one turn to look again.
-        turn_end
+        self.far
+            .peek()
+            .map_or(self.tick + SLOTS as u64, |Reverse((t, _))| *t)
     }
 }
 

@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# Side by side: the same HTTP client runs against
+#   (a) subnetstack's `http` example over a TAP (a fixed 13-byte body), and
+#   (b) the Linux kernel: nginx, one worker, the same 13-byte body, bound to 0.0.0.0:80 with
+#       AnyIP (`ip route add local 198.18.0.0/16 dev lo`), reached from a client namespace over
+#       a veth pair.
+# Keep-alive (`wrk -t1 -c64`) and connection-close (the same with `Connection: close`), RUNS
+# runs each, interleaved, medians; server CPU per request from /proc/PID/stat, whole-machine CPU
+# per request from /proc/stat (the client shares the 2 cores: CPU per request is the fair figure).
+#
+# Needs root, wrk and nginx (`apt-get install wrk nginx-light`). Everything runs inside network
+# namespaces this script creates, on 198.18.0.0/15 only; it ends only the processes it started.
+#
+#   sudo benches/compare.sh            # RUNS=3 DUR=5 by default
+#   RUNS=5 DUR=10 sudo -E benches/compare.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNS=${RUNS:-3}
+DUR=${DUR:-5}
+BODY='hello, world
+'  # 13 bytes
+TARGET=198.18.7.7
+for tool in wrk nginx ip; do
+    command -v "$tool" >/dev/null || { echo "compare.sh: $tool is missing" >&2; exit 2; }
+done
+[ "$(id -u)" = 0 ] || { echo "compare.sh: needs root (namespaces, TAP)" >&2; exit 2; }
+
+cargo build --release --example http >/dev/null
+HTTP=target/release/examples/http
+TMP=$(mktemp -d)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    for ns in sst-cmp-a sst-cmp-k sst-cmp-c; do ip netns del "$ns" 2>/dev/null || true; done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+# (a) subnetstack: the client namespace holds the TAP's kernel side.
+ip netns add sst-cmp-a
+ip -n sst-cmp-a link set lo up
+ip netns exec sst-cmp-a ip tuntap add mode tap name sst-cmp0
+ip -n sst-cmp-a link set sst-cmp0 up
+ip -n sst-cmp-a addr add 198.19.255.1/24 dev sst-cmp0
+ip -n sst-cmp-a route add 198.18.0.0/16 via 198.19.255.2 dev sst-cmp0
+ip netns exec sst-cmp-a "$HTTP" --tap sst-cmp0 --prefix 198.18.0.0/16 --prefix 198.19.255.2/32 \
+    --gateway 198.19.255.1 --bind tcp:198.18.0.0/16:80 --fixed-body "$BODY" \
+    >"$TMP/http.log" 2>&1 &
+PIDS+=($!)
+PID_A=$!
+
+# (b) the kernel: nginx in its namespace, the client in another, a veth between.
+ip netns add sst-cmp-k
+ip netns add sst-cmp-c
+ip link add sst-cmpv0 netns sst-cmp-c type veth peer name sst-cmpv1 netns sst-cmp-k
+ip -n sst-cmp-c link set lo up
+ip -n sst-cmp-k link set lo up
+ip -n sst-cmp-c addr add 198.19.254.1/24 dev sst-cmpv0
+ip -n sst-cmp-k addr add 198.19.254.2/24 dev sst-cmpv1
+ip -n sst-cmp-c link set sst-cmpv0 up
+ip -n sst-cmp-k link set sst-cmpv1 up
+ip -n sst-cmp-k route add local 198.18.0.0/16 dev lo
+ip -n sst-cmp-c route add 198.18.0.0/16 via 198.19.254.2
+cat >"$TMP/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $TMP/nginx.pid;
+error_log $TMP/nginx.err;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    server {
+        listen 80 backlog=4096;
+        location = / { default_type text/plain; return 200 "hello, world\n"; }
+    }
+}
+EOF
+ip netns exec sst-cmp-k nginx -c "$TMP/nginx.conf" -p "$TMP" &
+PIDS+=($!)
+PID_K=$!
+
+# Wait until both answer.
+for _ in $(seq 100); do
+    a=$(ip netns exec sst-cmp-a curl -s --max-time 1 "http://$TARGET/" || true)
+    k=$(ip netns exec sst-cmp-c curl -s --max-time 1 "http://$TARGET/" || true)
+    [ "$a" = "hello, world" ] && [ "$k" = "hello, world" ] && break
+    sleep 0.1
+done
+[ "$a" = "hello, world" ] && [ "$k" = "hello, world" ] || { echo "compare.sh: servers did not come up" >&2; exit 1; }
+
+# CPU ticks (user + system) of a process with its threads and children (nginx's worker), and
+# of the whole machine.
+proc_ticks() {
+    local t=0 p
+    for p in "$1" $(pgrep -P "$1" || true); do
+        t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+    done
+    echo "$t"
+}
+machine_busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
+HZ=$(getconf CLK_TCK)
+
+# One wrk run: prints "requests req/s server_us_per_req machine_us_per_req errors".
+run() {
+    local ns=$1 pid=$2 close=$3
+    local hdr=()
+    [ "$close" = 1 ] && hdr=(-H "Connection: close")
+    local p0 m0 p1 m1 out
+    p0=$(proc_ticks "$pid"); m0=$(machine_busy)
+    out=$(ip netns exec "$ns" wrk -t1 -c64 -d"${DUR}s" "${hdr[@]}" "http://$TARGET/")
+    p1=$(proc_ticks "$pid"); m1=$(machine_busy)
+    [ -n "${VERBOSE:-}" ] && echo "$ns close=$close: $out" >&2
+    local reqs rps errs
+    reqs=$(echo "$out" | awk '/requests in/ {print $1}')
+    rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+    errs=$(echo "$out" | awk '/Socket errors/ {gsub(",", ""); print $4 + $6 + $8 + $10}')
+    errs=${errs:-0}
+    awk -v r="$reqs" -v s="$rps" -v p=$((p1 - p0)) -v m=$((m1 - m0)) -v hz="$HZ" -v e="$errs" \
+        'BEGIN { printf "%d %.0f %.2f %.2f %d\n", r, s, p * 1e6 / hz / r, m * 1e6 / hz / r, e }'
+}
+
+median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+
+declare -A RES
+for close in 0 1; do
+    for i in $(seq "$RUNS"); do
+        RES[a,$close]+="$(run sst-cmp-a "$PID_A" "$close")"$'\n'
+        RES[k,$close]+="$(run sst-cmp-c "$PID_K" "$close")"$'\n'
+    done
+done
+
+col() { echo -n "${RES[$1,$2]}" | awk -v c="$3" 'NF {print $c}' | median; }
+echo
+echo "Side by side, $(date -u +%Y-%m-%d), medians of $RUNS runs of ${DUR}s, wrk -t1 -c64, one server thread/worker:"
+echo
+echo "| test | system | req/s | server CPU µs/req | machine CPU µs/req | errors |"
+echo "|---|---|---:|---:|---:|---:|"
+for close in 0 1; do
+    name=$([ "$close" = 0 ] && echo keep-alive || echo "connection close")
+    for sys in a k; do
+        label=$([ "$sys" = a ] && echo "subnetstack (TAP)" || echo "Linux + nginx (veth)")
+        echo "| $name | $label | $(col "$sys" "$close" 2) | $(col "$sys" "$close" 3) | $(col "$sys" "$close" 4) | $(col "$sys" "$close" 5) |"
+    done
+done
+echo
+echo "subnetstack's drops by reason after the runs:"
+ip netns exec sst-cmp-a curl -s "http://$TARGET/metrics" | grep -E '^subnetstack_(drops_total|tcp_time_wait|tcp_connections)' || true
