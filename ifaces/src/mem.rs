@@ -66,10 +66,12 @@ struct Shared {
 
 /// An `eventfd` per direction, readable while frames wait in it, so that a receiver can sleep
 /// in `poll(2)` as on a TAP.
-/// Each bell is written only when it was quiet, and read only when it was rung, so that busy
-/// simulations make no system calls for it.
+/// The bells ring only once some end has asked for its fd (a receiver that sleeps in `poll`):
+/// simulations that never sleep make no system calls for them. Once on, every send rings and
+/// every receive quiets, with no shortcut: skipping a write or a read on a flag races with the
+/// other thread and can leave a bell readable forever (a busy loop) or silent (a lost wakeup).
 #[derive(Debug)]
-struct Bells([OwnedFd; 2], [AtomicBool; 2]);
+struct Bells([OwnedFd; 2], AtomicBool);
 
 impl Bells {
     fn new() -> io::Result<Bells> {
@@ -82,11 +84,11 @@ impl Bells {
             // SAFETY: a fresh fd nobody else owns.
             Ok(unsafe { OwnedFd::from_raw_fd(fd) })
         };
-        Ok(Bells([one()?, one()?], Default::default()))
+        Ok(Bells([one()?, one()?], AtomicBool::new(false)))
     }
 
     fn ring(&self, dir: usize) {
-        if self.1[dir].swap(true, Ordering::SeqCst) {
+        if !self.1.load(Ordering::SeqCst) {
             return;
         }
         let v = 1u64.to_ne_bytes();
@@ -95,7 +97,7 @@ impl Bells {
     }
 
     fn quiet(&self, dir: usize) {
-        if !self.1[dir].swap(false, Ordering::SeqCst) {
+        if !self.1.load(Ordering::SeqCst) {
             return;
         }
         let mut v = [0u8; 8];
@@ -222,6 +224,7 @@ impl Device for MemDevice {
     }
 
     fn poll_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.bells.1.store(true, Ordering::SeqCst);
         Some(self.bells.0[1 - self.side].as_fd())
     }
 
