@@ -179,6 +179,9 @@ fn serve(
             respond(&mut s, "404 Not Found", "text/plain", b"not found\n", keep)?;
         }
         if !keep {
+            // FIN right behind the response, as nginx does: a client that sees the response
+            // without the FIN closes first and keeps the TIME-WAIT (and its port) itself.
+            s.shutdown(std::net::Shutdown::Write)?;
             break;
         }
     }

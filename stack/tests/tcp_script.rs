@@ -1410,18 +1410,31 @@ fn a_newer_syn_ends_time_wait_early_and_an_older_one_does_not() {
         "{out:?}"
     );
     assert_eq!(r.s.counters().tcp_time_wait_reused, 1);
-    // Same or older timestamp: TIME-WAIT holds; the SYN gets a challenge ACK.
+    // The same timestamp (a reconnect within the millisecond) with a higher ISN: reused too,
+    // as Linux does.
     let mut r = in_time_wait(100);
-    let older = TcpRepr {
+    let same_ms = TcpRepr {
         timestamp: Some(TcpTimestampRepr::new(102, 0)),
         ..seg(TcpControl::Syn, 9000, None, &[])
     };
-    let out = r.send(&older);
-    assert!(
-        out.len() == 1 && !out[0].syn && out[0].ack == Some(1002),
-        "{out:?}"
-    );
-    assert_eq!(r.s.counters().tcp_time_wait_reused, 0);
+    let out = r.send(&same_ms);
+    assert!(out.len() == 1 && out[0].syn, "{out:?}");
+    assert_eq!(r.s.counters().tcp_time_wait_reused, 1);
+    // An older timestamp (PAWS), or the same one with an old ISN: TIME-WAIT holds; the SYN
+    // gets a challenge ACK.
+    for (ts, isn) in [(101, 9000), (102, 500)] {
+        let mut r = in_time_wait(100);
+        let older = TcpRepr {
+            timestamp: Some(TcpTimestampRepr::new(ts, 0)),
+            ..seg(TcpControl::Syn, isn, None, &[])
+        };
+        let out = r.send(&older);
+        assert!(
+            out.len() == 1 && !out[0].syn && out[0].ack == Some(1002),
+            "{out:?}"
+        );
+        assert_eq!(r.s.counters().tcp_time_wait_reused, 0);
+    }
 }
 
 #[test]

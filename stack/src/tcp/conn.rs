@@ -595,17 +595,22 @@ impl Conn {
     }
 
     /// Whether `syn`, a new SYN for this 4-tuple, may end this connection's TIME-WAIT: its
-    /// timestamp is newer than the last one seen (RFC 6191), or, without timestamps, its
-    /// sequence number is beyond what this incarnation used (RFC 1122 4.2.2.13).
+    /// sequence number is beyond what this incarnation used (RFC 1122 4.2.2.13) or its
+    /// timestamp is newer than the last one seen (RFC 6191), and its timestamp is not older
+    /// (PAWS). Either suffices, as in Linux: a client reconnecting within the same millisecond
+    /// sends an equal timestamp, and its ISN has moved on.
     pub fn takes_new_syn(&self, syn: &SegIn) -> bool {
         if self.state != State::TimeWait || !syn.syn || syn.ack.is_some() || syn.rst {
             return false;
         }
-        match (self.ts_ok, syn.ts) {
-            (true, Some((tsval, _))) => (tsval.wrapping_sub(self.ts_recent) as i32) > 0,
-            (true, None) => false,
-            (false, _) => syn.seq > self.rcv_nxt,
+        let ts = syn
+            .ts
+            .filter(|_| self.ts_ok)
+            .map(|(tsval, _)| tsval.wrapping_sub(self.ts_recent) as i32);
+        if ts.is_some_and(|d| d < 0) {
+            return false;
         }
+        syn.seq > self.rcv_nxt || ts.is_some_and(|d| d > 0)
     }
 
     /// Sets the congestion controller (a new one starts from the current window).
