@@ -4,8 +4,8 @@
 #   (b) the Linux kernel: nginx, one worker, the same 13-byte body, bound to 0.0.0.0:80 with
 #       AnyIP (`ip route add local 198.18.0.0/16 dev lo`), reached from a client namespace over
 #       a veth pair.
-# Keep-alive (`wrk -t1 -c64`) and connection-close (the same with `Connection: close`), RUNS
-# runs each, interleaved, medians; server CPU per request from /proc/PID/stat, whole-machine CPU
+# Keep-alive (`wrk -t1 -c64`), connection-close (the same with `Connection: close`) and a 1 GiB
+# download (curl), RUNS runs each, interleaved, medians; server CPU per request from /proc/PID/stat, whole-machine CPU
 # per request from /proc/stat (the client shares the 2 cores: CPU per request is the fair figure).
 #
 # Needs root, wrk and nginx (`apt-get install wrk nginx-light`). Everything runs inside network
@@ -63,6 +63,8 @@ ip -n sst-cmp-c link set sst-cmpv0 up
 ip -n sst-cmp-k link set sst-cmpv1 up
 ip -n sst-cmp-k route add local 198.18.0.0/16 dev lo
 ip -n sst-cmp-c route add 198.18.0.0/16 via 198.19.254.2
+truncate -s 1G "$TMP/big"
+chmod 755 "$TMP"; chmod 644 "$TMP/big"  # nginx's worker runs unprivileged
 cat >"$TMP/nginx.conf" <<EOF
 worker_processes 1;
 daemon off;
@@ -75,6 +77,7 @@ http {
     server {
         listen 80 backlog=4096;
         location = / { default_type text/plain; return 200 "hello, world\n"; }
+        location = /big { alias $TMP/big; }
     }
 }
 EOF
@@ -132,6 +135,17 @@ for close in 0 1; do
     done
 done
 
+# A 1 GiB download with curl: Gbit/s.
+bulk() {
+    local ns=$1 url=$2
+    ip netns exec "$ns" curl -s -o /dev/null -w '%{speed_download}' "$url" |
+        awk '{ printf "%.2f\n", $1 * 8 / 1e9 }'
+}
+for i in $(seq "$RUNS"); do
+    RES[a,bulk]+="$(bulk sst-cmp-a "http://$TARGET/big?bytes=1073741824")"$'\n'
+    RES[k,bulk]+="$(bulk sst-cmp-c "http://$TARGET/big")"$'\n'
+done
+
 col() { echo -n "${RES[$1,$2]}" | awk -v c="$3" 'NF {print $c}' | median; }
 echo
 echo "Side by side, $(date -u +%Y-%m-%d), medians of $RUNS runs of ${DUR}s, wrk -t1 -c64, one server thread/worker:"
@@ -145,6 +159,9 @@ for close in 0 1; do
         echo "| $name | $label | $(col "$sys" "$close" 2) | $(col "$sys" "$close" 3) | $(col "$sys" "$close" 4) | $(col "$sys" "$close" 5) |"
     done
 done
+echo
+echo "| 1 GiB download (curl) | subnetstack (TAP) | $(col a bulk 1) Gbit/s |"
+echo "| 1 GiB download (curl) | Linux + nginx (veth) | $(col k bulk 1) Gbit/s |"
 echo
 echo "subnetstack's drops by reason after the runs:"
 ip netns exec sst-cmp-a curl -s "http://$TARGET/metrics" | grep -E '^subnetstack_(drops_total|tcp_time_wait|tcp_connections)' || true
