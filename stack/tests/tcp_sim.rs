@@ -2,7 +2,9 @@
 //! duplication, corruption, delay), a client and a server exchanging data both ways over TCP.
 //! Every byte must arrive intact and in order, every connection must finish, nothing may stall.
 //! `SIM_SEEDS=N` runs another number of seeds (default 1000, as CI runs); a failure prints its seed, and
-//! `SIM_SEED=S` replays one.
+//! `SIM_SEED=S` replays one. `SIM_TRACE=1` prints each retransmission of a replayed transfer
+//! (`SIM_TRACE_ALL=1` the connections' state every 250 ms), `SIM_RATIO=1` the retransmitted to
+//! lost ratio of each heavy-loss seed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
