@@ -174,6 +174,24 @@ struct Sock {
     in_time_wait: bool,
 }
 
+impl Sock {
+    /// A connection that arrived through listener `l` (SYN-RECEIVED, not yet accepted).
+    fn passive(conn: Conn, local: SocketAddr, remote: SocketAddr, l: u32) -> Sock {
+        Sock {
+            conn,
+            local,
+            remote,
+            listener: Some(l),
+            origin: Some(l),
+            active: false,
+            accepted: false,
+            app_closed: false,
+            armed: None,
+            in_time_wait: false,
+        }
+    }
+}
+
 /// TCP state of a stack.
 #[derive(Debug)]
 pub(crate) struct Tcp {
@@ -470,19 +488,32 @@ impl Stack {
                 self.tcp_after(now, idx);
                 return self.rx_tcp_new(now, local, remote, &seg);
             }
-            let mut out = std::mem::take(&mut self.tcp.out);
-            if let Some(Some(s)) = self.tcp.socks.get_mut(idx as usize) {
-                if let Some(r) = s.conn.on_segment(now, &seg, &mut out) {
-                    self.counters.drop(r);
-                }
-            }
-            for r in out.drain(..) {
-                self.send_seg(now, local, remote, &r, None);
-            }
-            self.tcp.out = out;
-            return self.tcp_after(now, idx);
+            return self.tcp_feed(now, idx, local, remote, &seg);
         }
         self.rx_tcp_new(now, local, remote, &seg);
+    }
+
+    /// Gives `seg` to connection `idx`, sends its immediate answers (RST), counts a drop, and
+    /// moves the connection along.
+    fn tcp_feed(
+        &mut self,
+        now: Duration,
+        idx: u32,
+        local: SocketAddr,
+        remote: SocketAddr,
+        seg: &SegIn,
+    ) {
+        let mut out = std::mem::take(&mut self.tcp.out);
+        if let Some(Some(s)) = self.tcp.socks.get_mut(idx as usize) {
+            if let Some(r) = s.conn.on_segment(now, seg, &mut out) {
+                self.counters.drop(r);
+            }
+        }
+        for r in out.drain(..) {
+            self.send_seg(now, local, remote, &r, None);
+        }
+        self.tcp.out = out;
+        self.tcp_after(now, idx);
     }
 
     /// A segment that matches no connection: a SYN for a listener, a cookie ACK, or a stray.
@@ -601,18 +632,7 @@ impl Stack {
         let v6 = local.is_ipv6();
         let mut conn = Conn::accept(self.tcp.cfg.clone(), self.tcp_mss(v6), v6, iss, seg, now);
         conn.set_ts_offset(self.ts_offset(local, remote));
-        let idx = self.tcp_insert(Sock {
-            conn,
-            local,
-            remote,
-            listener: Some(l),
-            origin: Some(l),
-            active: false,
-            accepted: false,
-            app_closed: false,
-            armed: None,
-            in_time_wait: false,
-        });
+        let idx = self.tcp_insert(Sock::passive(conn, local, remote, l));
         self.tcp_after(now, idx);
     }
 
@@ -713,30 +733,9 @@ impl Stack {
             lis.pending += 1;
             lis.stats.syncookies_valid += 1;
         }
-        let idx = self.tcp_insert(Sock {
-            conn,
-            local,
-            remote,
-            listener: Some(l),
-            origin: Some(l),
-            active: false,
-            accepted: false,
-            app_closed: false,
-            armed: None,
-            in_time_wait: false,
-        });
+        let idx = self.tcp_insert(Sock::passive(conn, local, remote, l));
         self.counters.tcp_syncookies_valid += 1;
-        let mut out = std::mem::take(&mut self.tcp.out);
-        if let Some(Some(s)) = self.tcp.socks.get_mut(idx as usize) {
-            if let Some(r) = s.conn.on_segment(now, seg, &mut out) {
-                self.counters.drop(r);
-            }
-        }
-        for r in out.drain(..) {
-            self.send_seg(now, local, remote, &r, None);
-        }
-        self.tcp.out = out;
-        self.tcp_after(now, idx);
+        self.tcp_feed(now, idx, local, remote, seg);
         CookieAck::Created
     }
 
