@@ -1,7 +1,7 @@
 //! Scripted TCP: a segment in, the exact segment (or counted drop) out, rule by rule
 //! (RFC 9293 §3.10, RFC 5961, RFC 7323).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use smoltcp::wire::{TcpControl, TcpRepr, TcpTimestampRepr};
@@ -960,18 +960,7 @@ fn packet_too_big_lowers_the_mss_and_resends_at_once() {
     r.s.poll_transmit(&mut b);
     assert_eq!(b.len(), 2);
     let first = b.frames()[0].data().to_vec();
-    let router = Ipv4Addr::new(198, 19, 255, 254);
-    let icmp = |mtu| {
-        icmpv4_unreachable(
-            P_MAC,
-            S_MAC,
-            router,
-            &first,
-            Icmpv4DstUnreachable::FragRequired,
-            mtu,
-        )
-    };
-    r.s.handle_frame(r.now, &icmp(1000), FrameMeta::default());
+    r.unreachable(&first, Icmpv4DstUnreachable::FragRequired, 1000);
     let out = r.out();
     assert!(!out.is_empty());
     assert!(
@@ -983,84 +972,58 @@ fn packet_too_big_lowers_the_mss_and_resends_at_once() {
     let resent: usize = out.iter().map(|s| s.payload.len()).sum();
     assert_eq!(resent, 2920);
     // A larger MTU, or a forged one for data not in flight, changes nothing.
-    r.s.handle_frame(r.now, &icmp(1400), FrameMeta::default());
+    r.unreachable(&first, Icmpv4DstUnreachable::FragRequired, 1400);
     assert!(r.out().is_empty());
     assert_eq!(r.s.counters().dropped(DropReason::TcpIcmpStale), 1);
 }
 
+impl Rig {
+    /// The next frame the stack sends, raw.
+    fn next_frame(&mut self) -> Vec<u8> {
+        let mut b = Batch::new(8, 2048);
+        self.s.poll_transmit(&mut b);
+        b.frames()[0].data().to_vec()
+    }
+
+    /// A router answers `frame` (one the stack sent) with ICMP destination unreachable.
+    fn unreachable(&mut self, frame: &[u8], reason: smoltcp::wire::Icmpv4DstUnreachable, mtu: u16) {
+        let router = Ipv4Addr::new(198, 19, 255, 254);
+        let f = icmpv4_unreachable(P_MAC, S_MAC, router, frame, reason, mtu);
+        self.s.handle_frame(self.now, &f, FrameMeta::default());
+    }
+}
+
 #[test]
 fn unreachable_in_syn_sent_fails_the_connect_and_later_is_reported_on_timeout() {
-    use smoltcp::wire::Icmpv4DstUnreachable;
-    let router = Ipv4Addr::new(198, 19, 255, 254);
+    use smoltcp::wire::Icmpv4DstUnreachable::{HostUnreachable, PortUnreachable};
+    use subnetstack_stack::TcpError;
     let mut r = Rig::new();
-    let h =
-        r.s.tcp_connect(
-            r.now,
-            "198.18.1.7:5555".parse().unwrap(),
-            "198.19.255.1:40000".parse().unwrap(),
-        )
-        .unwrap();
-    let mut b = Batch::new(4, 2048);
-    r.s.poll_transmit(&mut b);
-    let syn = b.frames()[0].data().to_vec();
-    let f = icmpv4_unreachable(
-        P_MAC,
-        S_MAC,
-        router,
-        &syn,
-        Icmpv4DstUnreachable::HostUnreachable,
-        0,
-    );
-    r.s.handle_frame(r.now, &f, FrameMeta::default());
+    let dial = |r: &mut Rig, port: u16| {
+        let local = SocketAddr::from((LOCAL, port));
+        r.s.tcp_connect(r.now, local, "198.19.255.1:40000".parse().unwrap())
+            .unwrap()
+    };
+    // Host unreachable while connecting: the connect fails, with that reason.
+    let h = dial(&mut r, 5555);
+    let syn = r.next_frame();
+    r.unreachable(&syn, HostUnreachable, 0);
     assert_eq!(
         r.s.tcp_state(h),
         Some(TcpState::Closed),
         "{}",
         r.s.counters()
     );
-    assert_eq!(
-        r.s.tcp_error(h),
-        Some(subnetstack_stack::TcpError::Unreachable)
-    );
+    assert_eq!(r.s.tcp_error(h), Some(TcpError::Unreachable));
     // Port unreachable reads as refused.
-    let h2 =
-        r.s.tcp_connect(
-            r.now,
-            "198.18.1.7:5556".parse().unwrap(),
-            "198.19.255.1:40000".parse().unwrap(),
-        )
-        .unwrap();
-    b.clear();
-    r.s.poll_transmit(&mut b);
-    let syn = b.frames()[0].data().to_vec();
-    let f = icmpv4_unreachable(
-        P_MAC,
-        S_MAC,
-        router,
-        &syn,
-        Icmpv4DstUnreachable::PortUnreachable,
-        0,
-    );
-    r.s.handle_frame(r.now, &f, FrameMeta::default());
-    assert_eq!(
-        r.s.tcp_error(h2),
-        Some(subnetstack_stack::TcpError::Refused)
-    );
+    let h2 = dial(&mut r, 5556);
+    let syn = r.next_frame();
+    r.unreachable(&syn, PortUnreachable, 0);
+    assert_eq!(r.s.tcp_error(h2), Some(TcpError::Refused));
     // Established: a soft error, which names the failure if the connection then times out.
     let (mut r, _, h) = established();
     r.s.tcp_send(r.now, h, b"anyone?").unwrap();
-    let mut b = Batch::new(4, 2048);
-    r.s.poll_transmit(&mut b);
-    let data = b.frames()[0].data().to_vec();
-    let f = icmpv4_unreachable(
-        P_MAC,
-        S_MAC,
-        router,
-        &data,
-        Icmpv4DstUnreachable::HostUnreachable,
-        0,
-    );
-    r.s.handle_frame(r.now, &f, FrameMeta::default());
+    let data = r.next_frame();
+    r.unreachable(&data, HostUnreachable, 0);
     assert_eq!(r.s.tcp_state(h), Some(TcpState::Established));
     for _ in 0..20_000 {
         r.advance(Duration::from_millis(100));
@@ -1068,10 +1031,7 @@ fn unreachable_in_syn_sent_fails_the_connect_and_later_is_reported_on_timeout() 
             break;
         }
     }
-    assert_eq!(
-        r.s.tcp_error(h),
-        Some(subnetstack_stack::TcpError::Unreachable)
-    );
+    assert_eq!(r.s.tcp_error(h), Some(TcpError::Unreachable));
 }
 
 /// A SYN from `port` with every option.
