@@ -1113,27 +1113,23 @@ fn a_bad_cookie_gets_rst_and_is_counted() {
     let l = r.listen(1);
     r.send(&full_syn(41000, 1000));
     let synack = r.send(&full_syn(41001, 7000))[0].clone();
+    // The client's ACK: sequence number `seq`, acknowledging the cookie plus `plus`.
+    let ack = |synack: &Seg, seq: i32, plus: i32| {
+        tcp_repr(
+            41001,
+            80,
+            TcpControl::None,
+            seq,
+            Some(synack.seq + plus),
+            1000,
+            &[],
+        )
+    };
     // Wrong acknowledgement number, and the right one for another client ISN.
-    let forged = tcp_repr(
-        41001,
-        80,
-        TcpControl::None,
-        7001,
-        Some(synack.seq + 9),
-        1000,
-        &[],
-    );
+    let forged = ack(&synack, 7001, 9);
     let out = r.send(&forged);
     assert!(out.len() == 1 && out[0].rst);
-    let other = tcp_repr(
-        41001,
-        80,
-        TcpControl::None,
-        9001,
-        Some(synack.seq + 1),
-        1000,
-        &[],
-    );
+    let other = ack(&synack, 9001, 1);
     assert!(r.send(&other)[0].rst);
     assert_eq!(r.s.counters().dropped(DropReason::TcpBadCookie), 2);
     assert!(r.s.tcp_accept(l).is_none());
@@ -1147,15 +1143,7 @@ fn a_bad_cookie_gets_rst_and_is_counted() {
         FrameMeta::default(),
     );
     r.out();
-    let late = tcp_repr(
-        41001,
-        80,
-        TcpControl::None,
-        7001,
-        Some(synack.seq + 1),
-        1000,
-        &[],
-    );
+    let late = ack(&synack, 7001, 1);
     assert!(r.send(&late)[0].rst);
     assert_eq!(
         r.s.counters().dropped(DropReason::TcpBadCookie),
