@@ -37,19 +37,53 @@ pub struct AckOutcome {
     pub dsack: bool,
 }
 
-/// In-flight segments and RACK state.
-#[derive(Clone, Debug, Default)]
-pub struct Scoreboard {
-    recs: VecDeque<Rec>,
+/// What RACK learns from deliveries (RFC 8985 6.2).
+#[derive(Clone, Copy, Debug, Default)]
+struct Rack {
     /// The most recently sent segment known delivered: its send time and end.
-    rack_sent: Option<u64>,
-    rack_end: Seq,
+    sent: Option<u64>,
+    end: Seq,
     /// RTT of that segment, µs.
-    rack_rtt: u64,
+    rtt: u64,
     /// Smallest RTT seen, µs.
     min_rtt: Option<u64>,
     /// Reordering was observed (a segment delivered after a later-sent one, or a D-SACK).
     reordering: bool,
+}
+
+impl Rack {
+    /// A segment sent at `sent` (µs) and ending at `end` was delivered at `t`.
+    fn deliver(&mut self, t: u64, sent: u64, end: Seq, rexmit: bool) {
+        let rtt = t.saturating_sub(sent);
+        // An ACK sooner than the minimum RTT after a retransmission answers the original
+        // transmission: no information about the retransmission (RFC 8985 6.2 step 2).
+        if rexmit && self.min_rtt.is_some_and(|m| rtt < m) {
+            return;
+        }
+        if !rexmit {
+            self.min_rtt = Some(self.min_rtt.map_or(rtt, |m| m.min(rtt)));
+        }
+        match self.sent {
+            Some(s) if sent < s || (sent == s && end <= self.end) => {
+                // Delivered after something sent later: reordering, unless retransmitted.
+                if !rexmit && end < self.end {
+                    self.reordering = true;
+                }
+            }
+            _ => {
+                self.sent = Some(sent);
+                self.end = end;
+                self.rtt = rtt;
+            }
+        }
+    }
+}
+
+/// In-flight segments and RACK state.
+#[derive(Clone, Debug, Default)]
+pub struct Scoreboard {
+    recs: VecDeque<Rec>,
+    rack: Rack,
     /// Multiplier of the reordering window, raised by each D-SACK (a retransmission proved
     /// spurious) and reset after 16 recoveries without one (RFC 8985 6.2 step 4).
     reo_mult: u32,
@@ -133,7 +167,7 @@ impl Scoreboard {
             ..Default::default()
         };
         if dsack {
-            self.reordering = true;
+            self.rack.reordering = true;
             self.reo_mult = (self.reo_mult.max(1) + 1).min(64);
             self.recoveries_left = 16;
         }
@@ -141,7 +175,8 @@ impl Scoreboard {
             self.split_at(l);
             self.split_at(r);
         }
-        let mut delivered: Vec<(u64, Seq, bool)> = Vec::new();
+        // RACK learns from each delivery in record order, with no allocation per ACK.
+        let mut rack = self.rack;
         for rec in self.recs.iter_mut() {
             let acked = rec.end <= ack;
             let sacked_now = !rec.sacked
@@ -152,9 +187,10 @@ impl Scoreboard {
                 out.newly_sacked += rec.end - rec.start;
             }
             if (acked && !rec.sacked) || sacked_now {
-                delivered.push((rec.sent, rec.end, rec.rexmit));
+                rack.deliver(t, rec.sent, rec.end, rec.rexmit);
             }
         }
+        self.rack = rack;
         while self.recs.front().is_some_and(|r| r.end <= ack) {
             self.recs.pop_front();
         }
@@ -168,39 +204,15 @@ impl Scoreboard {
             // Idle connections hold no scoreboard memory.
             self.recs = VecDeque::new();
         }
-        for (sent, end, rexmit) in delivered {
-            let rtt = t.saturating_sub(sent);
-            // An ACK sooner than the minimum RTT after a retransmission answers the original
-            // transmission: no information about the retransmission (RFC 8985 6.2 step 2).
-            if rexmit && self.min_rtt.is_some_and(|m| rtt < m) {
-                continue;
-            }
-            if !rexmit {
-                self.min_rtt = Some(self.min_rtt.map_or(rtt, |m| m.min(rtt)));
-            }
-            match self.rack_sent {
-                Some(s) if sent < s || (sent == s && end <= self.rack_end) => {
-                    // Delivered after something sent later: reordering, unless retransmitted.
-                    if !rexmit && end < self.rack_end {
-                        self.reordering = true;
-                    }
-                }
-                _ => {
-                    self.rack_sent = Some(sent);
-                    self.rack_end = end;
-                    self.rack_rtt = rtt;
-                }
-            }
-        }
         out
     }
 
     /// RACK's reordering window, µs (RFC 8985 6.2 step 4).
     fn reo_wnd(&self, in_recovery: bool, srtt: Duration) -> u64 {
-        if !self.reordering && (in_recovery || self.sacked_segments() >= DUP_THRESH as usize) {
+        if !self.rack.reordering && (in_recovery || self.sacked_segments() >= DUP_THRESH as usize) {
             return 0;
         }
-        (u64::from(self.reo_mult.max(1)) * self.min_rtt.unwrap_or(0) / 4).min(us(srtt))
+        (u64::from(self.reo_mult.max(1)) * self.rack.min_rtt.unwrap_or(0) / 4).min(us(srtt))
     }
 
     /// A loss recovery began: after 16 of them without a D-SACK the reordering window
@@ -232,8 +244,8 @@ impl Scoreboard {
         let reo = self.reo_wnd(in_recovery, srtt);
         let mut newly = false;
         let mut timer: Option<u64> = None;
-        if let Some(rs) = self.rack_sent {
-            let (rack_end, rack_rtt) = (self.rack_end, self.rack_rtt);
+        if let Some(rs) = self.rack.sent {
+            let (rack_end, rack_rtt) = (self.rack.end, self.rack.rtt);
             for r in self.recs.iter_mut() {
                 if r.sacked || r.lost {
                     continue;
