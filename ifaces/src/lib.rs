@@ -21,6 +21,7 @@ pub mod netns;
 pub mod pcap;
 pub mod tap;
 mod vnet;
+pub mod xdp;
 
 pub use vnet::VirtioNetHdr;
 

@@ -123,6 +123,9 @@ pub struct TapEnvConfig {
     /// Route via the stack's address in the kernel subnet ([`STACK_V4`], [`STACK_V6`]) instead of
     /// on-link (on-link makes the kernel ARP for every destination address).
     pub via_gateway: bool,
+    /// For [`Backend::Xdp`]: the prefixes the XDP program steers to the stack (its local
+    /// prefixes). Empty means the routes (plus [`STACK_V4`]/[`STACK_V6`] with `via_gateway`).
+    pub local: Vec<IpNet>,
 }
 
 impl TapEnvConfig {
@@ -135,6 +138,7 @@ impl TapEnvConfig {
                 .map(|r| r.parse().expect("route literal"))
                 .collect(),
             via_gateway: false,
+            local: Vec::new(),
         }
     }
 }
@@ -181,6 +185,17 @@ pub fn tap_env(cfg: &TapEnvConfig) -> io::Result<TapEnv> {
     let queues = Tap::open(&cfg.tap)?;
     let name = queues[0].info().name.clone();
     add_kernel_side(&name)?;
+    add_routes(&name, cfg)?;
+    let kernel_mac = interface_mac(&name)?;
+    Ok(TapEnv {
+        name,
+        queues,
+        kernel_mac,
+    })
+}
+
+/// Routes `cfg.routes` out of `dev`, on-link or via the stack's address.
+fn add_routes(dev: &str, cfg: &TapEnvConfig) -> io::Result<()> {
     for r in &cfg.routes {
         let r = r.to_string();
         let via = match (cfg.via_gateway, r.contains(':')) {
@@ -189,16 +204,11 @@ pub fn tap_env(cfg: &TapEnvConfig) -> io::Result<TapEnv> {
             (true, true) => Some(IpAddr::V6(STACK_V6).to_string()),
         };
         match via {
-            Some(g) => ip(&["route", "add", &r, "via", &g, "dev", &name])?,
-            None => ip(&["route", "add", &r, "dev", &name])?,
+            Some(g) => ip(&["route", "add", &r, "via", &g, "dev", dev])?,
+            None => ip(&["route", "add", &r, "dev", dev])?,
         }
     }
-    let kernel_mac = interface_mac(&name)?;
-    Ok(TapEnv {
-        name,
-        queues,
-        kernel_mac,
-    })
+    Ok(())
 }
 
 /// A permanent kernel neighbour entry: `addr` is at `mac` on `dev` (so the kernel sends without
@@ -285,4 +295,209 @@ pub fn nft_loss(dev: &str, hook: Hook, percent: u32) -> io::Result<()> {
 /// Removes the rules of [`nft_loss`].
 pub fn nft_loss_clear() -> io::Result<()> {
     run("nft", &["delete", "table", "netdev", "subnetstack_loss"])
+}
+
+/// Which device carries a live environment's frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// A TAP device (the kernel side is the TAP interface).
+    Tap,
+    /// AF_XDP on one end of a veth pair (the kernel side is the other end).
+    Xdp,
+}
+
+impl Backend {
+    /// Both backends, for tests that run on each.
+    pub const ALL: [Backend; 2] = [Backend::Tap, Backend::Xdp];
+
+    /// `"tap"` or `"xdp"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Tap => "tap",
+            Backend::Xdp => "xdp",
+        }
+    }
+}
+
+/// Like [`live`], and for [`Backend::Xdp`] also checks that AF_XDP and BPF work here.
+pub fn live_on(test: &str, backend: Backend) -> bool {
+    if !live(test) {
+        return false;
+    }
+    if backend == Backend::Xdp {
+        if let Some(why) = crate::xdp::unavailable() {
+            if std::env::var_os(REQUIRE_LIVE).is_some_and(|v| v != "0") {
+                panic!("{test}: AF_XDP test cannot run ({why}) but {REQUIRE_LIVE} is set");
+            }
+            println!("skipped: {test} on xdp: {why}");
+            return false;
+        }
+    }
+    true
+}
+
+/// A live environment on either backend: the calling thread is inside its private namespace.
+pub struct LinkEnv {
+    /// The kernel side's interface name (routes and neighbours live there).
+    pub name: String,
+    /// One device per queue, for one shard each.
+    pub queues: Vec<Box<dyn Device>>,
+    /// The kernel side's MAC address.
+    pub kernel_mac: Mac,
+    /// The XDP program, for [`Backend::Xdp`].
+    pub xdp: Option<crate::xdp::XdpProgram>,
+}
+
+impl std::fmt::Debug for LinkEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkEnv")
+            .field("name", &self.name)
+            .field("queues", &self.queues.len())
+            .field("xdp", &self.xdp)
+            .finish()
+    }
+}
+
+/// Enters a private namespace and builds `backend`'s link there: [`tap_env`] or [`xdp_env`].
+pub fn link_env(backend: Backend, cfg: &TapEnvConfig) -> io::Result<LinkEnv> {
+    match backend {
+        Backend::Tap => {
+            let e = tap_env(cfg)?;
+            Ok(LinkEnv {
+                name: e.name,
+                queues: e
+                    .queues
+                    .into_iter()
+                    .map(|t| Box::new(t) as Box<dyn Device>)
+                    .collect(),
+                kernel_mac: e.kernel_mac,
+                xdp: None,
+            })
+        }
+        Backend::Xdp => {
+            let e = xdp_env(cfg)?;
+            Ok(LinkEnv {
+                name: e.name,
+                queues: e
+                    .xdp
+                    .queues
+                    .into_iter()
+                    .map(|q| Box::new(q) as Box<dyn Device>)
+                    .collect(),
+                kernel_mac: e.kernel_mac,
+                xdp: Some(e.xdp.program),
+            })
+        }
+    }
+}
+
+/// A veth pair in a private namespace with AF_XDP on the stack's end.
+#[derive(Debug)]
+pub struct XdpEnv {
+    /// The kernel's end (addresses [`KERNEL_V4`]/[`KERNEL_V6`], routes to the prefixes).
+    pub name: String,
+    /// The stack's end (the XDP program and sockets; its MAC is the stack's).
+    pub stack_side: String,
+    /// The program and one device per queue.
+    pub xdp: crate::xdp::Xdp,
+    /// The kernel end's MAC.
+    pub kernel_mac: Mac,
+}
+
+/// The name of the stack's end of a veth pair whose kernel end is `name`.
+pub fn veth_stack_side(name: &str) -> String {
+    format!("{}x", &name[..name.len().min(14)])
+}
+
+/// Enters a private namespace and builds a veth pair there: the kernel's end is named
+/// `cfg.tap.name`, configured as [`tap_env`] configures a TAP; the stack's end (named by
+/// [`veth_stack_side`]) carries the XDP program and `cfg.tap.queues` AF_XDP sockets. The
+/// kernel's end sends no checksum-offloaded or GSO packets, which AF_XDP would hand over
+/// unfinished.
+pub fn xdp_env(cfg: &TapEnvConfig) -> io::Result<XdpEnv> {
+    if let Some(bad) = cfg.routes.iter().find(|r| !allowed(r)) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{bad} is outside 198.18.0.0/15 and 2001:db8::/32"),
+        ));
+    }
+    enter_private_netns()?;
+    let name = cfg.tap.name.clone();
+    let stack_side = veth_stack_side(&name);
+    let q = cfg.tap.queues.max(1).to_string();
+    ip(&[
+        "link",
+        "add",
+        &stack_side,
+        "numtxqueues",
+        &q,
+        "numrxqueues",
+        &q,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &name,
+        "numtxqueues",
+        &q,
+        "numrxqueues",
+        &q,
+    ])?;
+    ethtool_off(&name)?;
+    ip(&["link", "set", &stack_side, "up"])?;
+    add_kernel_side(&name)?;
+    add_routes(&name, cfg)?;
+    let mut local = cfg.local.clone();
+    if local.is_empty() {
+        local = cfg.routes.clone();
+        if cfg.via_gateway {
+            local.push(IpNet::from(IpAddr::V4(STACK_V4)));
+            local.push(IpNet::from(IpAddr::V6(STACK_V6)));
+        }
+    }
+    let mut x = crate::xdp::XdpConfig::new(&stack_side, local);
+    x.queues = cfg.tap.queues.max(1) as u32;
+    let xdp = crate::xdp::Xdp::open(&x)?;
+    let kernel_mac = interface_mac(&name)?;
+    Ok(XdpEnv {
+        name,
+        stack_side,
+        xdp,
+        kernel_mac,
+    })
+}
+
+/// Turns off transmit checksum offload (and with it TSO) and GSO on `dev`, with the legacy
+/// ethtool ioctls (no `ethtool` binary needed).
+pub fn ethtool_off(dev: &str) -> io::Result<()> {
+    const ETHTOOL_STXCSUM: u32 = 0x17;
+    const ETHTOOL_SGSO: u32 = 0x24;
+    #[repr(C)]
+    struct Value {
+        cmd: u32,
+        data: u32,
+    }
+    // SAFETY: plain socket(2); closed below.
+    let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if s < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut result = Ok(());
+    for cmd in [ETHTOOL_STXCSUM, ETHTOOL_SGSO] {
+        let mut v = Value { cmd, data: 0 };
+        let mut r = crate::tap::ifreq(dev)?;
+        r.ifr_ifru.ifru_data = (&mut v as *mut Value).cast();
+        // SAFETY: SIOCETHTOOL reads our ifreq and the ethtool_value it points to.
+        if unsafe { libc::ioctl(s, libc::SIOCETHTOOL, &mut r) } < 0 {
+            let e = io::Error::last_os_error();
+            result = Err(io::Error::new(
+                e.kind(),
+                format!("ethtool ioctl {cmd:#x} on {dev}: {e}"),
+            ));
+            break;
+        }
+    }
+    // SAFETY: our fd.
+    unsafe { libc::close(s) };
+    result
 }

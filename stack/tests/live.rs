@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{addresses, recv_from, Running};
 use ipnet::IpNet;
 use subnetstack_demux::PortSpec;
-use subnetstack_ifaces::netns::{self, TapEnvConfig};
+use subnetstack_ifaces::netns::{self, Backend, TapEnvConfig};
 use subnetstack_ifaces::Device;
 use subnetstack_stack::Stack;
 
@@ -35,22 +35,25 @@ fn ping_all(addrs: &[IpAddr], wait_s: u32) -> Vec<bool> {
     ok
 }
 
-fn env(name: &str) -> netns::TapEnv {
+fn env(backend: Backend, name: &str) -> netns::LinkEnv {
     // On-link routes wider than the local prefixes, so that the kernel also asks about addresses
-    // the stack must not answer for.
-    netns::tap_env(&TapEnvConfig::new(
-        name,
-        &["198.18.0.0/16", "2001:db8::/32"],
-    ))
-    .unwrap()
+    // the stack must not answer for (over AF_XDP, the program passes those to the kernel).
+    let mut cfg = TapEnvConfig::new(name, &["198.18.0.0/16", "2001:db8::/32"]);
+    cfg.local = common::LOCAL.iter().map(|p| p.parse().unwrap()).collect();
+    let env = netns::link_env(backend, &cfg).unwrap();
+    if let Some(x) = &env.xdp {
+        println!("{}", x.describe());
+    }
+    env
 }
 
-#[test]
-fn kernel_pings_every_local_address_and_no_other() {
-    if !netns::live("kernel_pings_every_local_address_and_no_other") {
-        return;
-    }
-    let env = env("sst-ping");
+backends!(
+    kernel_pings_every_local_address_and_no_other,
+    udp_servers_answer_from_the_address_hit_and_unbound_ports_refuse
+);
+
+fn kernel_pings_every_local_address_and_no_other(backend: Backend) {
+    let env = env(backend, "sst-ping");
     let dev = env.name.clone();
     let tap = env.queues.into_iter().next().unwrap();
     let mac = tap.info().mac;
@@ -115,12 +118,8 @@ fn kernel_pings_every_local_address_and_no_other() {
     );
 }
 
-#[test]
-fn udp_servers_answer_from_the_address_hit_and_unbound_ports_refuse() {
-    if !netns::live("udp_servers_answer_from_the_address_hit_and_unbound_ports_refuse") {
-        return;
-    }
-    let env = env("sst-udp");
+fn udp_servers_answer_from_the_address_hit_and_unbound_ports_refuse(backend: Backend) {
+    let env = env(backend, "sst-udp");
     let tap = env.queues.into_iter().next().unwrap();
     let run = Running::start(tap, |s| {
         let bind = |s: &mut Stack, p: &str| {

@@ -10,7 +10,6 @@ use std::time::Duration;
 use ipnet::IpNet;
 use std::collections::HashMap;
 use subnetstack_demux::HashKey;
-use subnetstack_ifaces::tap::Tap;
 use subnetstack_ifaces::{Clock, Device, SystemClock};
 use subnetstack_stack::poll::Driver;
 
@@ -29,13 +28,16 @@ pub struct Running {
 }
 
 impl Running {
-    pub fn start(tap: Tap, setup: impl FnOnce(&mut Stack) -> App + Send + 'static) -> Running {
+    pub fn start(
+        tap: impl Device + 'static,
+        setup: impl FnOnce(&mut Stack) -> App + Send + 'static,
+    ) -> Running {
         Self::start_with(tap, &LOCAL, setup)
     }
 
     /// Like `start`, with other local prefixes.
     pub fn start_with(
-        tap: Tap,
+        tap: impl Device + 'static,
         prefixes: &[&str],
         setup: impl FnOnce(&mut Stack) -> App + Send + 'static,
     ) -> Running {
@@ -218,4 +220,27 @@ pub fn servers(s: &mut Stack) -> App {
             conns.remove(&h);
         }
     })
+}
+
+/// Runs a live test once per backend (TAP, AF_XDP): `backends!(name)` makes `name::tap` and
+/// `name::xdp`, each calling `name(backend)` when that backend can run here.
+#[macro_export]
+macro_rules! backends {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            use subnetstack_ifaces::netns::{self, Backend};
+            #[test]
+            fn tap() {
+                if netns::live_on(concat!(stringify!($test), "::tap"), Backend::Tap) {
+                    super::$test(Backend::Tap);
+                }
+            }
+            #[test]
+            fn xdp() {
+                if netns::live_on(concat!(stringify!($test), "::xdp"), Backend::Xdp) {
+                    super::$test(Backend::Xdp);
+                }
+            }
+        }
+    )*};
 }
