@@ -13,26 +13,28 @@ use common::{addresses, servers, Running};
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 use subnetstack_ifaces::impair::{ImpairConfig, Impaired, Impairment};
-use subnetstack_ifaces::netns::{self, TapEnvConfig};
+use subnetstack_ifaces::netns::{self, Backend, TapEnvConfig};
 use subnetstack_ifaces::SystemClock;
 use subnetstack_stack::{IoError, Stack, TcpHandle};
 
 const PREFIXES: [&str; 2] = ["198.18.0.0/16", "2001:db8:100::/48"];
 
-fn env(name: &str) -> netns::TapEnv {
-    netns::tap_env(&TapEnvConfig::new(
-        name,
-        &["198.18.0.0/16", "2001:db8:100::/48"],
-    ))
-    .unwrap()
+fn env(backend: Backend, name: &str) -> netns::LinkEnv {
+    let env = netns::link_env(backend, &TapEnvConfig::new(name, &PREFIXES)).unwrap();
+    if let Some(x) = &env.xdp {
+        println!("{}", x.describe());
+    }
+    env
 }
 
-#[test]
-fn kernel_clients_reach_the_listener_the_rules_pick() {
-    if !netns::live("kernel_clients_reach_the_listener_the_rules_pick") {
-        return;
-    }
-    let env = env("sst-tcp");
+backends!(
+    kernel_clients_reach_the_listener_the_rules_pick,
+    bulk_both_ways_with_the_kernel,
+    the_stack_dials_a_kernel_listener_from_local_addresses
+);
+
+fn kernel_clients_reach_the_listener_the_rules_pick(backend: Backend) {
+    let env = env(backend, "sst-tcp");
     let tap = env.queues.into_iter().next().unwrap();
     let run = Running::start_with(tap, &PREFIXES, servers);
     let nested: IpNet = "198.18.5.0/24".parse().unwrap();
@@ -138,12 +140,8 @@ fn echo_bulk(run: Running, dst: &str, size: usize) -> f64 {
     secs
 }
 
-#[test]
-fn bulk_both_ways_with_the_kernel() {
-    if !netns::live("bulk_both_ways_with_the_kernel") {
-        return;
-    }
-    let env = env("sst-bulk");
+fn bulk_both_ways_with_the_kernel(backend: Backend) {
+    let env = env(backend, "sst-bulk");
     let tap = env.queues.into_iter().next().unwrap();
     let run = Running::start_with(tap, &PREFIXES, servers);
     const SIZE: usize = 256 << 20;
@@ -159,7 +157,7 @@ fn bulk_through_an_impaired_tap() {
     if !netns::live("bulk_through_an_impaired_tap") {
         return;
     }
-    let env = env("sst-lossy");
+    let env = env(Backend::Tap, "sst-lossy");
     let tap = env.queues.into_iter().next().unwrap();
     // 2 % loss, reordering and duplication, both directions, on the stack's side of the TAP.
     let imp = Impairment {
@@ -187,12 +185,8 @@ fn bulk_through_an_impaired_tap() {
     println!("{mib} MiB each way through 2 % loss, reordering and duplication in {secs:.2} s");
 }
 
-#[test]
-fn the_stack_dials_a_kernel_listener_from_local_addresses() {
-    if !netns::live("the_stack_dials_a_kernel_listener_from_local_addresses") {
-        return;
-    }
-    let env = env("sst-dial");
+fn the_stack_dials_a_kernel_listener_from_local_addresses(backend: Backend) {
+    let env = env(backend, "sst-dial");
     let tap = env.queues.into_iter().next().unwrap();
     let listener = TcpListener::bind((netns::KERNEL_V4, 9000)).unwrap();
     let server = std::thread::spawn(move || {
@@ -271,7 +265,7 @@ fn bulk_with_kernel_side_loss_uses_sack() {
     if !netns::live("bulk_with_kernel_side_loss_uses_sack") {
         return;
     }
-    let env = env("sst-sack");
+    let env = env(Backend::Tap, "sst-sack");
     // 5 % loss each way. Towards the kernel, nftables drops at the TAP's ingress: a real loss
     // for the stack's data. Towards the stack, a drop at the TAP's egress would be no loss at
     // all: the kernel hands the failure back to the sending socket, which sends the segment
