@@ -1,11 +1,11 @@
-//! The TAP ceiling: how many frames per second a device loop can move through a TAP at all, the
-//! physical limit the stack is measured against.
+//! The device ceiling: how many frames per second a device loop can move through a TAP, and
+//! through AF_XDP on a veth, at all: the physical limit the stack is measured against.
 //!
 //! In a private network namespace (needs root), a kernel UDP sender blasts datagrams (bounded: at
-//! most 1 s and 5 M datagrams a run) at an address routed to the TAP; one thread per queue reads
-//! frames and writes them straight back with Ethernet, IP and UDP addresses swapped (checksums
-//! stay valid). Reported: frames echoed per second, median of 5 runs, for 1 and 2 queues, batch
-//! sizes 1 and 32, 60-byte and 1514-byte frames.
+//! most 1 s and 5 M datagrams a run) at an address routed to the device; one thread per queue
+//! reads frames and writes them straight back with Ethernet, IP and UDP addresses swapped
+//! (checksums stay valid). Reported: frames echoed per second, median of 5 runs (TAP and AF_XDP
+//! runs interleaved), for 1 and 2 queues, batch sizes 1 and 32, 60-byte and 1514-byte frames.
 //!
 //! `cargo bench --bench tap_ceiling`
 
@@ -14,8 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use subnetstack::ifaces::netns::{self, TapEnvConfig};
-use subnetstack::ifaces::tap::Tap;
+use subnetstack::ifaces::netns::{self, Backend, TapEnvConfig};
 use subnetstack::ifaces::{Batch, Device};
 
 const RUN: Duration = Duration::from_secs(1);
@@ -37,7 +36,7 @@ fn swap(f: &mut [u8]) {
     sp.swap_with_slice(dp);
 }
 
-fn echo(mut tap: Tap, batch: usize, stop: Arc<AtomicBool>, count: Arc<AtomicU64>) {
+fn echo(mut tap: Box<dyn Device>, batch: usize, stop: Arc<AtomicBool>, count: Arc<AtomicU64>) {
     let mut b = Batch::new(batch, 2048);
     while !stop.load(Ordering::Relaxed) {
         b.clear();
@@ -59,11 +58,11 @@ fn echo(mut tap: Tap, batch: usize, stop: Arc<AtomicBool>, count: Arc<AtomicU64>
 }
 
 /// One run in a fresh namespace; returns frames echoed per second.
-fn run(queues: usize, batch: usize, payload: usize) -> f64 {
+fn run(backend: Backend, queues: usize, batch: usize, payload: usize) -> f64 {
     std::thread::spawn(move || {
         let mut cfg = TapEnvConfig::new("sst-ceil", &["198.18.1.0/24"]);
         cfg.tap.queues = queues;
-        let env = netns::tap_env(&cfg).expect("namespace and TAP");
+        let env = netns::link_env(backend, &cfg).expect("namespace and device");
         let mac = env.queues[0].info().mac;
         netns::static_neighbor(&env.name, "198.18.1.2".parse().unwrap(), mac).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
@@ -115,19 +114,40 @@ fn main() {
         println!("skipped: tap_ceiling: {why}");
         return;
     }
-    println!("| queues | batch | frame bytes | frames/s echoed (median of {RUNS}) | min | max |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    let backends: Vec<Backend> = match subnetstack::ifaces::xdp::unavailable() {
+        None => Backend::ALL.to_vec(),
+        Some(why) => {
+            println!("AF_XDP skipped: {why}");
+            vec![Backend::Tap]
+        }
+    };
+    println!(
+        "| device | queues | batch | frame bytes | frames/s echoed (median of {RUNS}) | min | max |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for &(payload, frame) in &[(18usize, 60usize), (1472, 1514)] {
         for queues in [1, 2] {
             for batch in [1, 32] {
-                let mut r: Vec<f64> = (0..RUNS).map(|_| run(queues, batch, payload)).collect();
-                r.sort_by(|a, b| a.total_cmp(b));
-                println!(
-                    "| {queues} | {batch} | {frame} | {:.0} | {:.0} | {:.0} |",
-                    r[RUNS / 2],
-                    r[0],
-                    r[RUNS - 1]
-                );
+                // Interleaved: run i of every backend before run i + 1 of any.
+                let mut r = vec![Vec::new(); backends.len()];
+                for _ in 0..RUNS {
+                    for (i, &b) in backends.iter().enumerate() {
+                        r[i].push(run(b, queues, batch, payload));
+                    }
+                }
+                for (b, mut r) in backends.iter().zip(r) {
+                    r.sort_by(|a, b| a.total_cmp(b));
+                    println!(
+                        "| {} | {queues} | {batch} | {frame} | {:.0} | {:.0} | {:.0} |",
+                        match b {
+                            Backend::Tap => "TAP",
+                            Backend::Xdp => "AF_XDP (veth)",
+                        },
+                        r[RUNS / 2],
+                        r[0],
+                        r[RUNS - 1]
+                    );
+                }
             }
         }
     }

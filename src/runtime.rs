@@ -24,6 +24,7 @@ use ipnet::IpNet;
 use subnetstack_demux::{BindError, BindPolicy, HashKey, PortSpec};
 use subnetstack_ifaces::pcap::Capture;
 use subnetstack_ifaces::tap::{Tap, TapConfig};
+use subnetstack_ifaces::xdp::{Xdp, XdpConfig};
 use subnetstack_ifaces::{Batch, Clock, Device, FrameMeta, Mac, SystemClock};
 use subnetstack_stack::poll::Driver;
 use subnetstack_stack::{
@@ -61,6 +62,7 @@ pub struct Builder {
     in_loop: Option<InLoop>,
     prefixes: Vec<IpNet>,
     tap: Option<TapConfig>,
+    xdp: Option<XdpConfig>,
     devices: Vec<Box<dyn Device>>,
     mac: Option<Mac>,
     gateway_v4: Option<Ipv4Addr>,
@@ -91,6 +93,7 @@ impl Default for Builder {
             in_loop: None,
             prefixes: Vec::new(),
             tap: None,
+            xdp: None,
             devices: Vec::new(),
             mac: None,
             gateway_v4: None,
@@ -126,6 +129,20 @@ impl Builder {
     /// Runs on a TAP opened with this configuration (queues, offloads, MAC).
     pub fn tap_config(mut self, cfg: TapConfig) -> Self {
         self.tap = Some(cfg);
+        self
+    }
+
+    /// Runs on interface `name` with AF_XDP, one socket (and shard) per queue: an XDP program
+    /// steers the frames for the local prefixes to the stack and leaves the rest to the kernel
+    /// (see [`subnetstack_ifaces::xdp`]). The stack uses the interface's MAC.
+    pub fn xdp(self, name: &str) -> Self {
+        self.xdp_config(XdpConfig::new(name, Vec::new()))
+    }
+
+    /// Runs on AF_XDP with this configuration (modes, sizes); its queue count and prefixes are
+    /// the builder's ([`queues`](Self::queues), [`prefix`](Self::prefix)) when it has none.
+    pub fn xdp_config(mut self, cfg: XdpConfig) -> Self {
+        self.xdp = Some(cfg);
         self
     }
 
@@ -223,13 +240,37 @@ impl Builder {
         if self.prefixes.is_empty() {
             return Err(invalid("no local prefixes".into()));
         }
-        let mut devs: Vec<Box<dyn Device>> = match (self.devices.is_empty(), &self.tap) {
-            (false, _) => self.devices,
-            (true, Some(cfg)) => Tap::open(cfg)?
+        let mut devs: Vec<Box<dyn Device>> = match (self.devices.is_empty(), &self.tap, &self.xdp) {
+            (false, _, _) => self.devices,
+            (true, Some(_), Some(_)) => {
+                return Err(invalid("both tap() and xdp(): choose one device".into()))
+            }
+            (true, Some(cfg), None) => Tap::open(cfg)?
                 .into_iter()
                 .map(|t| Box::new(t) as Box<dyn Device>)
                 .collect(),
-            (true, None) => return Err(invalid("no device: call tap() or device()".into())),
+            (true, None, Some(cfg)) => {
+                let mut cfg = cfg.clone();
+                if cfg.prefixes.is_empty() {
+                    cfg.prefixes = self.prefixes.clone();
+                }
+                if cfg.queues <= 1 {
+                    cfg.queues = self.queues as u32;
+                }
+                let x = Xdp::open(&cfg)?;
+                tracing::info!(
+                    xdp = %x.program.describe(),
+                    zero_copy = x.queues[0].zero_copy(),
+                    "AF_XDP attached"
+                );
+                x.queues
+                    .into_iter()
+                    .map(|q| Box::new(q) as Box<dyn Device>)
+                    .collect()
+            }
+            (true, None, None) => {
+                return Err(invalid("no device: call tap(), xdp() or device()".into()))
+            }
         };
         if let Some(p) = &self.pcap {
             // One capture per shard: the first keeps the name, others get `.1`, `.2`...

@@ -15,8 +15,17 @@ use subnetstack::Runtime;
 pub struct DeviceArgs {
     /// TAP interface to create or attach in the current namespace (the caller configures the
     /// kernel side: addresses and routes to the prefixes).
-    #[arg(long, value_name = "NAME")]
-    pub tap: String,
+    #[arg(
+        long,
+        value_name = "NAME",
+        required_unless_present = "xdp",
+        conflicts_with = "xdp"
+    )]
+    pub tap: Option<String>,
+    /// Interface to run on with AF_XDP instead of a TAP: frames for the prefixes go to the
+    /// stack, everything else stays with the kernel.
+    #[arg(long, value_name = "IFACE")]
+    pub xdp: Option<String>,
     /// A local prefix: the stack answers for every address in it (repeatable).
     #[arg(long = "prefix", value_name = "CIDR", required = true)]
     pub prefixes: Vec<IpNet>,
@@ -132,7 +141,12 @@ pub fn init_logs() {
 impl DeviceArgs {
     /// Starts a runtime on the TAP with these options.
     pub fn start(&self) -> std::io::Result<Runtime> {
-        let mut b = Runtime::builder().queues(self.queues).tap(&self.tap);
+        let mut b = Runtime::builder().queues(self.queues);
+        b = match (&self.tap, &self.xdp) {
+            (_, Some(x)) => b.xdp(x),
+            (Some(t), None) => b.tap(t),
+            (None, None) => unreachable!("clap requires --tap or --xdp"),
+        };
         for p in &self.prefixes {
             b = b.prefix(*p);
         }
