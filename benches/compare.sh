@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Side by side: the same HTTP client runs against
-#   (a) subnetstack's `http` example over a TAP (a fixed 13-byte body), and
+#   (a) subnetstack's `http` example over a TAP (a fixed 13-byte body),
+#   (x) the same over AF_XDP on a veth pair (native XDP, copy mode: veth has no zero-copy), and
 #   (b) the Linux kernel: nginx, one worker, the same 13-byte body, bound to 0.0.0.0:80 with
 #       AnyIP (`ip route add local 198.18.0.0/16 dev lo`), reached from a client namespace over
 #       a veth pair.
@@ -8,7 +9,7 @@
 # download (curl), RUNS runs each, interleaved, medians; server CPU per request from /proc/PID/stat, whole-machine CPU
 # per request from /proc/stat (the client shares the 2 cores: CPU per request is the fair figure).
 #
-# Needs root, wrk and nginx (`apt-get install wrk nginx-light`). Everything runs inside network
+# Needs root, wrk, nginx and ethtool (`apt-get install wrk nginx-light ethtool`). Everything runs inside network
 # namespaces this script creates, on 198.18.0.0/15 only; it ends only the processes it started.
 #
 #   sudo benches/compare.sh            # RUNS=3 DUR=5 by default
@@ -21,7 +22,7 @@ DUR=${DUR:-5}
 BODY='hello, world
 '  # 13 bytes
 TARGET=198.18.7.7
-for tool in wrk nginx ip; do
+for tool in wrk nginx ip ethtool; do
     command -v "$tool" >/dev/null || { echo "compare.sh: $tool is missing" >&2; exit 2; }
 done
 [ "$(id -u)" = 0 ] || { echo "compare.sh: needs root (namespaces, TAP)" >&2; exit 2; }
@@ -33,7 +34,7 @@ PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    for ns in sst-cmp-a sst-cmp-k sst-cmp-c; do ip netns del "$ns" 2>/dev/null || true; done
+    for ns in sst-cmp-a sst-cmp-x sst-cmp-k sst-cmp-c; do ip netns del "$ns" 2>/dev/null || true; done
     rm -rf "$TMP"
 }
 trap cleanup EXIT
@@ -50,6 +51,22 @@ ip netns exec sst-cmp-a "$HTTP" --tap sst-cmp0 --prefix 198.18.0.0/16 --prefix 1
     >"$TMP/http.log" 2>&1 &
 PIDS+=($!)
 PID_A=$!
+
+# (x) subnetstack on AF_XDP: both ends of a veth in one namespace, like the TAP above; the
+# kernel's end sends finished checksums and no GSO (AF_XDP hands frames over as they are).
+ip netns add sst-cmp-x
+ip -n sst-cmp-x link set lo up
+ip -n sst-cmp-x link add sst-cmpx1 type veth peer name sst-cmpx0
+ip netns exec sst-cmp-x ethtool -K sst-cmpx0 tx off gso off >/dev/null
+ip -n sst-cmp-x link set sst-cmpx0 up
+ip -n sst-cmp-x link set sst-cmpx1 up
+ip -n sst-cmp-x addr add 198.19.253.1/24 dev sst-cmpx0
+ip -n sst-cmp-x route add 198.18.0.0/16 via 198.19.253.2 dev sst-cmpx0
+ip netns exec sst-cmp-x "$HTTP" --xdp sst-cmpx1 --prefix 198.18.0.0/16 --prefix 198.19.253.2/32 \
+    --gateway 198.19.253.1 --bind tcp:198.18.0.0/16:80 --fixed-body "$BODY" \
+    >"$TMP/http-xdp.log" 2>&1 &
+PIDS+=($!)
+PID_X=$!
 
 # (b) the kernel: nginx in its namespace, the client in another, a veth between.
 ip netns add sst-cmp-k
@@ -88,11 +105,13 @@ PID_K=$!
 # Wait until both answer.
 for _ in $(seq 100); do
     a=$(ip netns exec sst-cmp-a curl -s --max-time 1 "http://$TARGET/" || true)
+    x=$(ip netns exec sst-cmp-x curl -s --max-time 1 "http://$TARGET/" || true)
     k=$(ip netns exec sst-cmp-c curl -s --max-time 1 "http://$TARGET/" || true)
-    [ "$a" = "hello, world" ] && [ "$k" = "hello, world" ] && break
+    [ "$a" = "hello, world" ] && [ "$x" = "hello, world" ] && [ "$k" = "hello, world" ] && break
     sleep 0.1
 done
-[ "$a" = "hello, world" ] && [ "$k" = "hello, world" ] || { echo "compare.sh: servers did not come up" >&2; exit 1; }
+[ "$a" = "hello, world" ] && [ "$x" = "hello, world" ] && [ "$k" = "hello, world" ] ||
+    { echo "compare.sh: servers did not come up" >&2; tail -3 "$TMP"/http*.log >&2; exit 1; }
 
 # CPU ticks (user + system) of a process with its threads and children (nginx's worker), and
 # of the whole machine.
@@ -131,6 +150,7 @@ declare -A RES
 for close in 0 1; do
     for i in $(seq "$RUNS"); do
         RES[a,$close]+="$(run sst-cmp-a "$PID_A" "$close")"$'\n'
+        RES[x,$close]+="$(run sst-cmp-x "$PID_X" "$close")"$'\n'
         RES[k,$close]+="$(run sst-cmp-c "$PID_K" "$close")"$'\n'
     done
 done
@@ -143,6 +163,7 @@ bulk() {
 }
 for i in $(seq "$RUNS"); do
     RES[a,bulk]+="$(bulk sst-cmp-a "http://$TARGET/big?bytes=1073741824")"$'\n'
+    RES[x,bulk]+="$(bulk sst-cmp-x "http://$TARGET/big?bytes=1073741824")"$'\n'
     RES[k,bulk]+="$(bulk sst-cmp-c "http://$TARGET/big")"$'\n'
 done
 
@@ -154,13 +175,18 @@ echo "| test | system | req/s | server CPU µs/req | machine CPU µs/req | error
 echo "|---|---|---:|---:|---:|---:|"
 for close in 0 1; do
     name=$([ "$close" = 0 ] && echo keep-alive || echo "connection close")
-    for sys in a k; do
-        label=$([ "$sys" = a ] && echo "subnetstack (TAP)" || echo "Linux + nginx (veth)")
+    for sys in a x k; do
+        case $sys in
+            a) label="subnetstack (TAP)" ;;
+            x) label="subnetstack (AF_XDP, veth)" ;;
+            k) label="Linux + nginx (veth)" ;;
+        esac
         echo "| $name | $label | $(col "$sys" "$close" 2) | $(col "$sys" "$close" 3) | $(col "$sys" "$close" 4) | $(col "$sys" "$close" 5) |"
     done
 done
 echo
 echo "| 1 GiB download (curl) | subnetstack (TAP) | $(col a bulk 1) Gbit/s |"
+echo "| 1 GiB download (curl) | subnetstack (AF_XDP, veth) | $(col x bulk 1) Gbit/s |"
 echo "| 1 GiB download (curl) | Linux + nginx (veth) | $(col k bulk 1) Gbit/s |"
 echo
 echo "subnetstack's drops by reason after the runs:"
