@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use subnetstack::ifaces::netns;
+use subnetstack::ifaces::netns::{self, Backend};
 
 /// The examples' shared option parsing, with its unit tests.
 #[path = "../examples/common/mod.rs"]
@@ -95,10 +95,24 @@ impl Drop for Child {
 
 #[test]
 fn the_echo_example_serves_kernel_clients() {
-    if !netns::live("the_echo_example_serves_kernel_clients") {
-        return;
+    if netns::live_on("the_echo_example_serves_kernel_clients", Backend::Tap) {
+        echo_example(Backend::Tap);
     }
-    let _child = run_in_namespace(
+}
+
+#[test]
+fn the_echo_example_serves_kernel_clients_over_af_xdp() {
+    if netns::live_on(
+        "the_echo_example_serves_kernel_clients_over_af_xdp",
+        Backend::Xdp,
+    ) {
+        echo_example(Backend::Xdp);
+    }
+}
+
+fn echo_example(backend: Backend) {
+    let _child = run_on(
+        backend,
         "sst-echo",
         "echo",
         &["tcp:198.18.0.0/16:7", "udp:198.18.5.0/24:*"],
@@ -125,11 +139,39 @@ fn the_echo_example_serves_kernel_clients() {
 /// 198.18.0.0/16 routed to it, and the example `name` started on it (a child process, so in
 /// this namespace too) with the stack owning 198.18.0.0/16 and these `--bind`s.
 fn run_in_namespace(tap: &str, name: &str, binds: &[&str]) -> Child {
+    run_on(Backend::Tap, tap, name, binds)
+}
+
+/// Like `run_in_namespace`; with [`Backend::Xdp`] a veth pair instead of the TAP, the kernel's
+/// end named `dev` and the example on the other end with `--xdp`.
+fn run_on(backend: Backend, dev: &str, name: &str, binds: &[&str]) -> Child {
     netns::enter_private_netns().unwrap();
-    netns::ip(&["tuntap", "add", "mode", "tap", "name", tap]).unwrap();
-    netns::add_kernel_side(tap).unwrap();
-    netns::ip(&["route", "add", "198.18.0.0/16", "dev", tap]).unwrap();
-    let mut args = vec!["--tap", tap, "--prefix", "198.18.0.0/16"];
+    let stack_side = netns::veth_stack_side(dev);
+    let mut args = vec!["--prefix", "198.18.0.0/16"];
+    match backend {
+        Backend::Tap => {
+            netns::ip(&["tuntap", "add", "mode", "tap", "name", dev]).unwrap();
+            args.extend(["--tap", dev]);
+        }
+        Backend::Xdp => {
+            netns::ip(&[
+                "link",
+                "add",
+                &stack_side,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                dev,
+            ])
+            .unwrap();
+            netns::ethtool_off(dev).unwrap();
+            netns::ip(&["link", "set", &stack_side, "up"]).unwrap();
+            args.extend(["--xdp", &stack_side]);
+        }
+    }
+    netns::add_kernel_side(dev).unwrap();
+    netns::ip(&["route", "add", "198.18.0.0/16", "dev", dev]).unwrap();
     for b in binds {
         args.extend(["--bind", b]);
     }

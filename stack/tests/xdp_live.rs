@@ -254,3 +254,43 @@ fn the_program_goes_with_the_process() {
     assert!(has_xdp("sst-goxx"));
     drop(again);
 }
+
+#[test]
+fn generic_mode_serves_too() {
+    let test = "generic_mode_serves_too";
+    if !netns::live_on(test, Backend::Xdp) {
+        return;
+    }
+    // The fallback when a driver has no native XDP: the program runs after the kernel built an
+    // skb. Same veth environment as xdp_env, attached in generic mode.
+    netns::enter_private_netns().unwrap();
+    netns::ip(&[
+        "link", "add", "sst-genx", "type", "veth", "peer", "name", "sst-gen",
+    ])
+    .unwrap();
+    netns::ethtool_off("sst-gen").unwrap();
+    netns::ip(&["link", "set", "sst-genx", "up"]).unwrap();
+    netns::add_kernel_side("sst-gen").unwrap();
+    for p in PREFIXES {
+        netns::ip(&["route", "add", p, "dev", "sst-gen"]).unwrap();
+    }
+    let prefixes: Vec<IpNet> = PREFIXES.iter().map(|p| p.parse().unwrap()).collect();
+    let mut cfg = XdpConfig::new("sst-genx", prefixes);
+    cfg.mode = subnetstack_ifaces::xdp::XdpMode::Generic;
+    let mut xdp = Xdp::open(&cfg).unwrap();
+    assert!(!xdp.program.native());
+    println!("{}", xdp.program.describe());
+    let run = Running::start_with(xdp.queues.remove(0), &PREFIXES, servers);
+    for i in 0..10 {
+        for dst in [
+            format!("198.18.{}.{}:7", 40 + i, i + 1),
+            format!("[2001:db8:100::{}]:7", 40 + i),
+        ] {
+            let msg = format!("generic {i}");
+            assert_eq!(echo(dst.parse().unwrap(), &msg), msg, "{dst}");
+        }
+    }
+    let stack = run.stop();
+    println!("stack: {}", stack.counters());
+    assert_eq!(stack.counters().dropped_total(), 0);
+}

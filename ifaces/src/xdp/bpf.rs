@@ -452,6 +452,40 @@ mod tests {
         assert_eq!(code[2], 0x95);
     }
 
+    fn fake_map(key_size: usize) -> Map {
+        Map {
+            fd: std::fs::File::open("/dev/null").unwrap().into(),
+            key_size,
+            value_size: 4,
+        }
+    }
+
+    #[test]
+    fn the_program_is_small_and_every_jump_lands_inside_it() {
+        let code = program(&fake_map(8), &fake_map(20), &fake_map(4));
+        println!("XDP program: {} instructions", code.len());
+        assert!(code.len() < 100, "{}", code.len());
+        let mut pc = 0;
+        while pc < code.len() {
+            let op = (code[pc] & 0xff) as u8;
+            if op == LD | DW | IMM {
+                pc += 2; // the 16-byte ld_imm64
+                continue;
+            }
+            if op & 0x07 == JMP && op != JMP | CALL && op != JMP | EXIT {
+                let off = ((code[pc] >> 16) & 0xffff) as u16 as i16;
+                let to = pc as isize + 1 + off as isize;
+                assert!(
+                    to > pc as isize && (to as usize) < code.len(),
+                    "jump at {pc} to {to}"
+                );
+            }
+            pc += 1;
+        }
+        // Both exits return r0; the last instruction is one of them.
+        assert_eq!(code[code.len() - 1] & 0xff, u64::from(JMP | EXIT));
+    }
+
     #[test]
     fn registers_pack_dst_low_src_high() {
         let mut a = Asm::default();
