@@ -260,7 +260,7 @@ impl Builder {
                 let x = Xdp::open(&cfg)?;
                 tracing::info!(
                     xdp = %x.program.describe(),
-                    zero_copy = x.queues[0].zero_copy(),
+                    sockets = %x.queues[0].copy_mode(),
                     "AF_XDP attached"
                 );
                 x.queues

@@ -1,31 +1,45 @@
-//! One poll thread per TAP queue: kernel clients spread over two queues are all served, both
-//! shards carry traffic, and connections the runtime opens get their answers on the shard that
-//! sent the SYN (the kernel keeps a flow on the queue it was last written from).
+//! One poll thread per queue, on a TAP and on AF_XDP: kernel clients spread over two queues are
+//! all served, both shards carry traffic, and connections the runtime opens get their answers
+//! (on a TAP the kernel keeps a flow on the queue it was last written from; on a veth the answer
+//! may arrive on the other queue, and the runtime passes it to the shard that owns the flow).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream as KernelStream};
 use std::time::Duration;
 
 use subnetstack::demux::PortSpec;
-use subnetstack::ifaces::netns::{self, TapEnvConfig};
+use subnetstack::ifaces::netns::{self, Backend, TapEnvConfig};
 use subnetstack::{ListenOptions, Runtime, TcpListener, TcpStream};
 
 #[test]
 fn two_queues_two_shards_serve_and_dial() {
-    if !netns::live("two_queues_two_shards_serve_and_dial") {
-        return;
+    if netns::live_on("two_queues_two_shards_serve_and_dial", Backend::Tap) {
+        two_queues(Backend::Tap);
     }
+}
+
+#[test]
+fn two_queues_two_shards_serve_and_dial_over_af_xdp() {
+    if netns::live_on(
+        "two_queues_two_shards_serve_and_dial_over_af_xdp",
+        Backend::Xdp,
+    ) {
+        two_queues(Backend::Xdp);
+    }
+}
+
+fn two_queues(backend: Backend) {
     let mut cfg = TapEnvConfig::new("sst-mq", &["198.18.0.0/16"]);
     cfg.tap.queues = 2;
     cfg.via_gateway = true;
-    let env = netns::tap_env(&cfg).unwrap();
+    let env = netns::link_env(backend, &cfg).unwrap();
     assert_eq!(env.queues.len(), 2);
     let mut b = Runtime::builder()
         .prefix("198.18.0.0/16".parse().unwrap())
         .prefix("198.19.255.2/32".parse().unwrap())
         .gateway_v4(netns::KERNEL_V4);
     for q in env.queues {
-        b = b.device(Box::new(q));
+        b = b.device(q);
     }
     let rt = b.start().unwrap();
     assert_eq!(rt.shards(), 2);

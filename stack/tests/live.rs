@@ -44,6 +44,7 @@ fn env(backend: Backend, name: &str) -> netns::LinkEnv {
     if let Some(x) = &env.xdp {
         println!("{}", x.describe());
     }
+    println!("device: {}", env.queues[0].info().name);
     env
 }
 

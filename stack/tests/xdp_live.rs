@@ -140,7 +140,7 @@ fn kernel_services_on_the_same_interface_keep_working() {
     let v6 = kernel_echo(&format!("[{HOST_V6}]:8080"), 20);
     let prefixes: Vec<IpNet> = PREFIXES.iter().map(|p| p.parse().unwrap()).collect();
     let mut xdp = Xdp::open(&XdpConfig::new("sst-passx", prefixes)).unwrap();
-    println!("{}", xdp.program.describe());
+    println!("{}; {}", xdp.program.describe(), xdp.queues[0].copy_mode());
     let dev = xdp.queues.remove(0);
     let run = Running::start_with(dev, &PREFIXES, servers);
     go_tx.send(()).unwrap();

@@ -179,6 +179,7 @@ pub struct XdpStats {
 #[derive(Debug)]
 pub struct XdpDevice {
     xsk: Xsk,
+    copy_reason: Option<String>,
     info: DeviceInfo,
     queue: u32,
     stats: XdpStats,
@@ -204,6 +205,15 @@ impl XdpDevice {
     /// True when the socket runs zero-copy.
     pub fn zero_copy(&self) -> bool {
         self.xsk.zero_copy
+    }
+
+    /// `"zero-copy"`, or `"copy mode"` and why (asked for, or what the zero-copy bind said).
+    pub fn copy_mode(&self) -> String {
+        match (&self.copy_reason, self.xsk.zero_copy) {
+            (_, true) => "zero-copy".into(),
+            (None, false) => "copy mode (asked for)".into(),
+            (Some(why), false) => format!("copy mode (the driver refused zero-copy: {why})"),
+        }
     }
 
     /// The program this queue's frames come through.
@@ -375,6 +385,7 @@ impl Xdp {
         for q in 0..cfg.queues.max(1) {
             let copy = XDP_COPY | XDP_USE_NEED_WAKEUP;
             let zc = XDP_ZEROCOPY | XDP_USE_NEED_WAKEUP;
+            let mut copy_reason = None;
             let xsk = match cfg.zero_copy {
                 ZeroCopy::Off => Xsk::open(idx, q, sizes, copy),
                 ZeroCopy::Required => Xsk::open(idx, q, sizes, zc).map_err(|e| {
@@ -386,9 +397,10 @@ impl Xdp {
                         ),
                     )
                 }),
-                ZeroCopy::Auto => {
-                    Xsk::open(idx, q, sizes, zc).or_else(|_| Xsk::open(idx, q, sizes, copy))
-                }
+                ZeroCopy::Auto => Xsk::open(idx, q, sizes, zc).or_else(|e| {
+                    copy_reason = Some(e.to_string());
+                    Xsk::open(idx, q, sizes, copy)
+                }),
             }
             .map_err(|e| {
                 io::Error::new(
@@ -406,6 +418,7 @@ impl Xdp {
                 .map_err(|e| io::Error::new(e.kind(), format!("XSK map, queue {q}: {e}")))?;
             queues.push(XdpDevice {
                 xsk,
+                copy_reason,
                 info: DeviceInfo {
                     name: if cfg.queues > 1 {
                         format!("{}/xdp{q}", cfg.interface)
