@@ -239,6 +239,9 @@ pub struct Xsk {
     tx: Ring<Desc>,
     /// TX frames not in flight (UMEM offsets).
     tx_free: Vec<u64>,
+    /// Receive frames waiting for room in the fill ring (normally none: the ring holds them
+    /// all; kept so that a short answer from the ring never loses a frame).
+    fill_pending: Vec<u64>,
     /// Whether the socket runs zero-copy.
     pub zero_copy: bool,
 }
@@ -393,13 +396,12 @@ impl Xsk {
             tx_free: (rx_frames..sizes.frames)
                 .map(|i| u64::from(i) * u64::from(FRAME))
                 .collect(),
+            fill_pending: Vec::with_capacity(rx_frames as usize),
             zero_copy: bind_flags & XDP_ZEROCOPY != 0,
         };
-        let n = x.fill.free(rx_frames);
-        for i in 0..n {
-            x.fill.write(u64::from(i) * u64::from(FRAME));
-        }
-        x.fill.publish();
+        x.fill_pending
+            .extend((0..rx_frames).map(|i| u64::from(i) * u64::from(FRAME)));
+        x.refill();
         Ok(x)
     }
 
@@ -431,28 +433,37 @@ impl Xsk {
         Some(unsafe { std::slice::from_raw_parts(self.umem.ptr.as_ptr().add(addr as usize), len) })
     }
 
+    /// Gives waiting receive frames to the kernel, as many as the fill ring takes.
+    fn refill(&mut self) {
+        let room = self.fill.free(self.fill_pending.len() as u32);
+        for _ in 0..room {
+            let a = self.fill_pending.pop().expect("room <= pending");
+            self.fill.write(a);
+        }
+        if room > 0 {
+            self.fill.publish();
+        }
+    }
+
     /// Receives up to `max` frames, handing each to `f`, and returns their buffers to the fill
     /// ring. Returns how many were received and how many descriptors were invalid (skipped).
     pub fn recv(&mut self, max: u32, mut f: impl FnMut(&[u8])) -> (u32, u32) {
         let n = self.rx.ready(max);
         let mut bad = 0;
-        if n > 0 {
-            // The fill ring is as large as the number of receive frames, so there is room for
-            // every frame we give back.
-            let room = self.fill.free(n);
-            for i in 0..n {
-                let d = self.rx.read();
-                // Aligned chunks: the frame's chunk is its address rounded down.
-                match self.frame(d.addr, d.len as usize) {
-                    Some(data) => f(data),
-                    None => bad += 1,
-                }
-                if i < room {
-                    self.fill.write(d.addr & !u64::from(FRAME - 1));
-                }
+        for _ in 0..n {
+            let d = self.rx.read();
+            match self.frame(d.addr, d.len as usize) {
+                Some(data) => f(data),
+                None => bad += 1,
             }
+            // Aligned chunks: the frame's chunk is its address rounded down.
+            self.fill_pending.push(d.addr & !u64::from(FRAME - 1));
+        }
+        if n > 0 {
             self.rx.release();
-            self.fill.publish();
+        }
+        if !self.fill_pending.is_empty() {
+            self.refill();
         }
         if self.fill.needs_wakeup() {
             self.kick_rx();
