@@ -27,6 +27,7 @@ pub(crate) fn connect_error(e: ConnectError) -> io::Error {
     let kind = match e {
         ConnectError::NonLocalSource(_) => io::ErrorKind::AddrNotAvailable,
         ConnectError::AddrInUse => io::ErrorKind::AddrInUse,
+        ConnectError::Limit => io::ErrorKind::OutOfMemory,
         ConnectError::FamilyMismatch | ConnectError::PortZero => io::ErrorKind::InvalidInput,
     };
     io::Error::new(kind, e)
@@ -76,6 +77,10 @@ pub struct ListenOptions {
     pub reuseport: bool,
     /// Accept queue (and SYN queue) length.
     pub backlog: usize,
+    /// Most connections of this listener at once (half-open and open); past it SYNs are
+    /// dropped (counted as `TcpListenerLimit`; clients retry). Each shard enforces its share
+    /// (the limit divided by the number of shards, rounded up). Unlimited by default.
+    pub max_connections: Option<usize>,
 }
 
 impl Default for ListenOptions {
@@ -83,6 +88,7 @@ impl Default for ListenOptions {
         ListenOptions {
             reuseport: false,
             backlog: 1024,
+            max_connections: None,
         }
     }
 }
@@ -106,11 +112,13 @@ impl TcpListener {
             ..Default::default()
         }));
         // Every shard binds the same; the accepted connections of all meet in one queue.
+        let shards = rt.shards();
         let results = rt.shared.call_all(|reply| Cmd::Listen {
             prefix,
             ports,
             reuseport: opts.reuseport,
             backlog: opts.backlog,
+            max_connections: opts.max_connections.map(|m| m.div_ceil(shards)),
             queue: queue.clone(),
             reply,
         })?;

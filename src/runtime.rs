@@ -562,6 +562,7 @@ pub(crate) enum Cmd {
         ports: PortSpec,
         reuseport: bool,
         backlog: usize,
+        max_connections: Option<usize>,
         queue: Arc<Backlog>,
         reply: Sender<Result<TcpListenerHandle, BindError>>,
     },
@@ -765,6 +766,11 @@ impl Snapshot {
                 "tcp_handed_over_total",
                 "Queued connections given to a reuseport sibling.",
                 c.tcp_handed_over,
+            ),
+            (
+                "tcp_idle_timeouts_total",
+                "Connections reset by the idle timeout.",
+                c.tcp_idle_timeouts,
             ),
         ] {
             family(&mut o, name, "counter", help);
@@ -1237,10 +1243,14 @@ impl Shard {
                 ports,
                 reuseport,
                 backlog,
+                max_connections,
                 queue,
                 reply,
             } => {
                 let r = self.stack.tcp_listen(prefix, ports, reuseport, backlog);
+                if let Ok(l) = r {
+                    self.stack.tcp_set_listener_limit(l, max_connections);
+                }
                 match &r {
                     Ok(l) => tracing::debug!(%prefix, %ports, listener = l.id(), "tcp listen"),
                     Err(e) => tracing::debug!(%prefix, %ports, error = %e, "tcp listen refused"),

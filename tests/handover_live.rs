@@ -23,6 +23,7 @@ fn queued_connections_of_a_closing_listener_are_served_by_its_sibling() {
     let opts = ListenOptions {
         reuseport: true,
         backlog: 128,
+        ..Default::default()
     };
     let bind = || {
         TcpListener::bind_with(

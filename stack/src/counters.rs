@@ -86,6 +86,10 @@ reasons! {
     TcpAckUnsent => "TCP ACK for data not yet sent (answered with an ACK)",
     TcpBadCookie => "TCP ACK that is no connection's and no valid SYN cookie (answered with RST)",
     TcpIcmpStale => "ICMP error about a TCP segment not in flight (RFC 5927), or an MTU not below ours",
+    TcpConnLimit => "TCP SYN or cookie ACK dropped: the stack's connection limit is reached",
+    TcpListenerLimit => "TCP SYN or cookie ACK dropped: the listener's connection limit is reached",
+    TcpHalfOpenLimit => "TCP SYN dropped: half-open connection limit reached and SYN cookies are off",
+    TcpMemoryLimit => "TCP SYN or cookie ACK dropped: connection buffer memory over its limit",
     NeighborCacheFull => "packet dropped: neighbour cache full",
     NeighborQueueFull => "packet dropped: too many packets waiting for one neighbour",
     NeighborUnreachable => "packet dropped: next hop did not answer ARP/NDP",
@@ -127,6 +131,8 @@ pub struct Counters {
     pub tcp_recoveries: u64,
     /// TCP tail loss probes (of connections that have ended).
     pub tcp_probes: u64,
+    /// TCP connections reset because the peer was idle past `TcpConfig::idle_timeout`.
+    pub tcp_idle_timeouts: u64,
     drops: Vec<u64>,
 }
 
@@ -158,6 +164,7 @@ impl Counters {
         self.tcp_timeouts += other.tcp_timeouts;
         self.tcp_recoveries += other.tcp_recoveries;
         self.tcp_probes += other.tcp_probes;
+        self.tcp_idle_timeouts += other.tcp_idle_timeouts;
         if self.drops.len() < other.drops.len() {
             self.drops.resize(other.drops.len(), 0);
         }

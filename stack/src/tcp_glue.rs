@@ -45,6 +45,9 @@ pub enum ConnectError {
     PortZero,
     /// No ephemeral port is free for this remote (or the given local port is taken).
     AddrInUse,
+    /// The connection or buffer memory limit is reached (`TcpConfig::max_connections`,
+    /// `max_buffer_memory`).
+    Limit,
 }
 
 impl std::fmt::Display for ConnectError {
@@ -56,6 +59,7 @@ impl std::fmt::Display for ConnectError {
             ConnectError::FamilyMismatch => f.write_str("local and remote address families differ"),
             ConnectError::PortZero => f.write_str("remote port 0"),
             ConnectError::AddrInUse => f.write_str("no free local port for this remote"),
+            ConnectError::Limit => f.write_str("TCP connection or buffer memory limit reached"),
         }
     }
 }
@@ -97,6 +101,8 @@ struct Listener {
     prefix: IpNet,
     ports: PortSpec,
     backlog: usize,
+    /// Most connections (half-open and open) at once, if limited.
+    max_connections: Option<usize>,
     /// Connections in SYN-RECEIVED for this listener (its SYN queue).
     pending: usize,
     accept: VecDeque<u32>,
@@ -150,6 +156,8 @@ enum CookieAck {
     Created,
     /// A valid cookie, but the listener's accept queue is full.
     AcceptQueueFull,
+    /// A valid cookie, but a connection limit is reached.
+    Limit(DropReason),
     /// Its listener sent cookies lately, and this one is not valid.
     Bad,
     /// No listener sent cookies lately: an ordinary stray segment.
@@ -172,6 +180,8 @@ struct Sock {
     armed: Option<Duration>,
     /// Counted in `Tcp::time_wait`.
     in_time_wait: bool,
+    /// Buffer bytes counted in `Tcp::buffer_bytes`.
+    mem: usize,
 }
 
 impl Sock {
@@ -188,6 +198,7 @@ impl Sock {
             app_closed: false,
             armed: None,
             in_time_wait: false,
+            mem: 0,
         }
     }
 }
@@ -205,6 +216,10 @@ pub(crate) struct Tcp {
     ephemeral: u32,
     /// Connections in TIME-WAIT.
     time_wait: usize,
+    /// Passive connections in SYN-RECEIVED (all listeners).
+    half_open: usize,
+    /// Buffer storage of all connections, bytes.
+    buffer_bytes: usize,
     out: Vec<SegOut>,
     fired: Vec<u32>,
 }
@@ -221,6 +236,8 @@ impl Tcp {
             wheel: TimerWheel::default(),
             ephemeral: 0,
             time_wait: 0,
+            half_open: 0,
+            buffer_bytes: 0,
             out: Vec::new(),
             fired: Vec::new(),
         }
@@ -232,6 +249,17 @@ impl Tcp {
 
     pub(crate) fn has_flow(&self, local: SocketAddr, remote: SocketAddr) -> bool {
         self.table.contains_key(&(local, remote))
+    }
+
+    /// Why a new connection may not be created now, if it may not.
+    fn over_limit(&self) -> Option<DropReason> {
+        if self.table.len() - self.time_wait >= self.cfg.max_connections {
+            Some(DropReason::TcpConnLimit)
+        } else if self.buffer_bytes >= self.cfg.max_buffer_memory {
+            Some(DropReason::TcpMemoryLimit)
+        } else {
+            None
+        }
     }
 }
 
@@ -377,6 +405,7 @@ impl Stack {
         {
             s.accepted = true;
             s.active = true;
+            self.tcp.half_open -= 1;
             if let Some(Some(lis)) = self.tcp.listeners.get_mut(l as usize) {
                 lis.pending = lis.pending.saturating_sub(1);
                 lis.stats.accepted += 1;
@@ -385,6 +414,9 @@ impl Stack {
             }
         }
         let s = self.tcp.socks[idx as usize].as_mut().expect("present");
+        let mem = s.conn.buffer_bytes();
+        self.tcp.buffer_bytes = self.tcp.buffer_bytes + mem - s.mem;
+        s.mem = mem;
         // TIME-WAIT is bounded: past the limit a connection closes at once (RFC 6191 would
         // allow reuse with timestamps; skipping is what Linux does at tcp_max_tw_buckets).
         let mut state = state;
@@ -418,15 +450,18 @@ impl Stack {
                 self.counters.tcp_timeouts += s.conn.timeouts;
                 self.counters.tcp_recoveries += s.conn.recoveries;
                 self.counters.tcp_probes += s.conn.probes;
+                self.counters.tcp_idle_timeouts += u64::from(s.conn.idle_timed_out);
             }
             let orphan = s.listener.is_some() && !s.accepted;
             if orphan {
+                self.tcp.half_open -= 1;
                 let l = s.listener.expect("passive");
                 if let Some(Some(lis)) = self.tcp.listeners.get_mut(l as usize) {
                     lis.pending = lis.pending.saturating_sub(1);
                 }
             }
             if orphan || s.app_closed {
+                self.tcp.buffer_bytes -= s.mem;
                 self.tcp.socks[idx as usize] = None;
                 self.tcp.free.push(idx);
             }
@@ -534,6 +569,7 @@ impl Stack {
                 CookieAck::Created => return,
                 // Like Linux: no RST, the client's retransmission may find room.
                 CookieAck::AcceptQueueFull => return self.drop(DropReason::TcpListenOverflow),
+                CookieAck::Limit(r) => return self.drop(r),
                 CookieAck::Bad => self.drop(DropReason::TcpBadCookie),
                 CookieAck::NotCookie => self.drop(DropReason::TcpNoConnection),
             }
@@ -618,7 +654,25 @@ impl Stack {
             lis.stats.overflows += 1;
             return self.drop(DropReason::TcpListenOverflow);
         }
-        if lis.pending >= lis.backlog {
+        // Connection limits drop too: a cookie would only create the connection later.
+        if lis
+            .max_connections
+            .is_some_and(|m| lis.pending + lis.stats.active as usize >= m)
+        {
+            lis.stats.overflows += 1;
+            return self.drop(DropReason::TcpListenerLimit);
+        }
+        if let Some(r) = self.tcp.over_limit() {
+            return self.drop(r);
+        }
+        let Some(Some(lis)) = self.tcp.listeners.get_mut(l as usize) else {
+            return;
+        };
+        if lis.pending >= lis.backlog || self.tcp.half_open >= self.tcp.cfg.max_half_open {
+            if !self.tcp.cfg.syncookies && lis.pending < lis.backlog {
+                lis.stats.overflows += 1;
+                return self.drop(DropReason::TcpHalfOpenLimit);
+            }
             if !self.tcp.cfg.syncookies {
                 lis.stats.overflows += 1;
                 return self.drop(DropReason::TcpListenOverflow);
@@ -628,6 +682,7 @@ impl Stack {
             return self.tcp_cookie_syn_ack(now, local, remote, seg);
         }
         lis.pending += 1;
+        self.tcp.half_open += 1;
         let iss = self.isn(now, local, remote);
         let v6 = local.is_ipv6();
         let mut conn = Conn::accept(self.tcp.cfg.clone(), self.tcp_mss(v6), v6, iss, seg, now);
@@ -711,6 +766,15 @@ impl Stack {
             }
             return CookieAck::AcceptQueueFull;
         }
+        let listener_full = lis
+            .max_connections
+            .is_some_and(|m| lis.pending + lis.stats.active as usize >= m);
+        if let Some(r) = listener_full
+            .then_some(DropReason::TcpListenerLimit)
+            .or_else(|| self.tcp.over_limit())
+        {
+            return CookieAck::Limit(r);
+        }
         let (wscale, sack) = match seg.ts {
             Some((_, tsecr)) if self.tcp.cfg.timestamps => CookieJar::ts_decode(tsecr),
             _ => (None, false),
@@ -732,6 +796,7 @@ impl Stack {
         if let Some(Some(lis)) = self.tcp.listeners.get_mut(l as usize) {
             lis.pending += 1;
             lis.stats.syncookies_valid += 1;
+            self.tcp.half_open += 1;
         }
         let idx = self.tcp_insert(Sock::passive(conn, local, remote, l));
         self.counters.tcp_syncookies_valid += 1;
@@ -779,6 +844,7 @@ impl Stack {
             prefix,
             ports,
             backlog: backlog.max(1),
+            max_connections: None,
             pending: 0,
             accept: VecDeque::new(),
             last_cookie: None,
@@ -870,6 +936,9 @@ impl Stack {
                 continue;
             }
             s.app_closed = true;
+            if !s.accepted {
+                self.tcp.half_open -= 1;
+            }
             s.listener = None;
             let mut out = std::mem::take(&mut self.tcp.out);
             s.conn.abort(&mut out);
@@ -898,6 +967,9 @@ impl Stack {
         }
         if !self.is_local(local.ip()) {
             return Err(ConnectError::NonLocalSource(local.ip()));
+        }
+        if self.tcp.over_limit().is_some() {
+            return Err(ConnectError::Limit);
         }
         let local = if local.port() != 0 {
             if self.tcp.table.contains_key(&(local, remote)) {
@@ -938,6 +1010,7 @@ impl Stack {
             app_closed: false,
             armed: None,
             in_time_wait: false,
+            mem: 0,
         });
         self.tcp_after(now, idx);
         Ok(TcpHandle(idx))
@@ -970,7 +1043,18 @@ impl Stack {
                 },
             );
         }
-        let n = s.conn.write(data);
+        // Over the memory limit, queue only into storage already allocated.
+        let pressure = self.tcp.buffer_bytes >= self.tcp.cfg.max_buffer_memory;
+        let s = self.tcp_sock(h)?;
+        let room = if pressure {
+            s.conn.send_space_in_place()
+        } else {
+            data.len()
+        };
+        if room == 0 {
+            return Err(IoError::WouldBlock);
+        }
+        let n = s.conn.write(&data[..room.min(data.len())]);
         if let Some(o) = s.origin {
             if let Some(Some(lis)) = self.tcp.listeners.get_mut(o as usize) {
                 lis.stats.bytes_out += n as u64;
@@ -1095,6 +1179,24 @@ impl Stack {
         }
         self.tcp.out = out;
         self.tcp_after(now, h.0);
+    }
+
+    /// Limits a listener to `max` connections at once (half-open and open, until closed), or
+    /// lifts the limit. Past it SYNs are dropped (counted as `TcpListenerLimit`; clients retry).
+    pub fn tcp_set_listener_limit(&mut self, l: TcpListenerHandle, max: Option<usize>) {
+        if let Some(Some(lis)) = self.tcp.listeners.get_mut(l.0 as usize) {
+            lis.max_connections = max;
+        }
+    }
+
+    /// Half-open (SYN-RECEIVED) passive connections now.
+    pub fn tcp_half_open(&self) -> usize {
+        self.tcp.half_open
+    }
+
+    /// Buffer storage of all connections now, bytes.
+    pub fn tcp_buffer_memory(&self) -> usize {
+        self.tcp.buffer_bytes
     }
 
     /// Counters of a listener.

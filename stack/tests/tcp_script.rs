@@ -1466,3 +1466,149 @@ fn listener_counters_follow_their_connections() {
         (5, 3, 1, 1)
     );
 }
+
+// ---- resource limits ------------------------------------------------------------------
+
+/// Sends a bare SYN from `port`; returns the stack's answers.
+fn syn_from(r: &mut Rig, port: u16) -> Vec<Seg> {
+    r.send(&tcp_repr(port, 80, TcpControl::Syn, 1000, None, 65535, &[]))
+}
+
+#[test]
+fn the_connection_limit_drops_syns_and_refuses_connects() {
+    let mut r = Rig::with_tcp(TcpConfig {
+        max_connections: 2,
+        ..TcpConfig::default()
+    });
+    r.listen(8);
+    assert_eq!(syn_from(&mut r, 42000).len(), 1);
+    assert_eq!(syn_from(&mut r, 42001).len(), 1);
+    assert!(syn_from(&mut r, 42002).is_empty(), "third SYN dropped");
+    assert_eq!(r.s.counters().dropped(DropReason::TcpConnLimit), 1);
+    assert_eq!(
+        r.s.tcp_connect(
+            r.now,
+            "198.18.1.9:0".parse().unwrap(),
+            "198.19.255.1:80".parse().unwrap()
+        ),
+        Err(subnetstack_stack::ConnectError::Limit)
+    );
+    // One embryo goes (the peer resets it): room for the next.
+    let synack = syn_from(&mut r, 42000);
+    assert!(
+        synack.is_empty(),
+        "a SYN retransmission for an embryo is not a new connection"
+    );
+    let out = r.advance(Duration::ZERO);
+    assert!(out.is_empty());
+    r.send(&tcp_repr(42000, 80, TcpControl::Rst, 1001, None, 0, &[]));
+    assert_eq!(syn_from(&mut r, 42002).len(), 1, "admitted after one left");
+}
+
+#[test]
+fn the_half_open_limit_answers_with_cookies_or_drops_without_them() {
+    for cookies in [true, false] {
+        let mut r = Rig::with_tcp(TcpConfig {
+            max_half_open: 1,
+            syncookies: cookies,
+            ..TcpConfig::default()
+        });
+        r.listen(8);
+        assert_eq!(syn_from(&mut r, 42000).len(), 1);
+        assert_eq!(r.s.tcp_half_open(), 1);
+        let out = syn_from(&mut r, 42001);
+        if cookies {
+            assert_eq!(out.len(), 1, "a cookie SYN-ACK");
+            assert_eq!(r.s.counters().tcp_syncookies_sent, 1);
+        } else {
+            assert!(out.is_empty());
+            assert_eq!(r.s.counters().dropped(DropReason::TcpHalfOpenLimit), 1);
+        }
+        assert_eq!(r.s.tcp_connections(), 1, "no state for the second SYN");
+    }
+    // Completing a handshake frees its half-open slot.
+    let (r, _, _) = established();
+    assert_eq!(r.s.tcp_half_open(), 0);
+}
+
+#[test]
+fn a_listener_limit_bounds_its_connections() {
+    let mut r = Rig::new();
+    let l = r.listen(8);
+    r.s.tcp_set_listener_limit(l, Some(1));
+    let iss1 = syn_from(&mut r, 40000)[0].seq + 1;
+    r.send(&seg(TcpControl::None, 1001, Some(iss1), &[]));
+    let (h, _, _) = r.s.tcp_accept(l).unwrap();
+    assert!(
+        syn_from(&mut r, 42001).is_empty(),
+        "over the listener's limit"
+    );
+    assert_eq!(r.s.counters().dropped(DropReason::TcpListenerLimit), 1);
+    assert_eq!(r.s.tcp_listener_stats(l).unwrap().overflows, 1);
+    // The open one ends: room again.
+    r.send(&seg(TcpControl::Rst, 1001, Some(iss1), &[]));
+    assert!(r.s.tcp_error(h).is_some());
+    assert_eq!(syn_from(&mut r, 42001).len(), 1);
+    // Lifted: no limit.
+    r.s.tcp_set_listener_limit(l, None);
+    assert_eq!(syn_from(&mut r, 42002).len(), 1);
+}
+
+#[test]
+fn over_the_buffer_memory_limit_connections_wait_and_sends_stay_in_place() {
+    let mut r = Rig::with_tcp(TcpConfig {
+        max_buffer_memory: 4096,
+        nagle: false,
+        ..TcpConfig::default()
+    });
+    let l = r.listen(8);
+    let synack = syn_from(&mut r, 40000);
+    let iss = synack[0].seq;
+    r.send(&seg(TcpControl::None, 1001, Some(iss + 1), &[]));
+    let (h, _, _) = r.s.tcp_accept(l).unwrap();
+    // 3,000 bytes grow the send buffer to 4 KiB: at the limit.
+    assert_eq!(r.s.tcp_send(r.now, h, &[7u8; 3000]), Ok(3000));
+    assert_eq!(r.s.tcp_buffer_memory(), 4096);
+    r.out();
+    // New connections wait...
+    assert!(syn_from(&mut r, 42001).is_empty());
+    assert_eq!(r.s.counters().dropped(DropReason::TcpMemoryLimit), 1);
+    // ...and sends fill only the storage already there.
+    assert_eq!(r.s.tcp_send(r.now, h, &[7u8; 3000]), Ok(1096));
+    assert_eq!(r.s.tcp_send(r.now, h, &[7u8; 10]), Err(IoError::WouldBlock));
+    assert_eq!(r.s.tcp_buffer_memory(), 4096, "no growth past the limit");
+    // Everything acknowledged: the storage is freed and connections come in again.
+    r.out();
+    r.send(&seg(TcpControl::None, 1001, Some(iss + 1 + 4096), &[]));
+    assert_eq!(r.s.tcp_buffer_memory(), 0);
+    assert_eq!(syn_from(&mut r, 42001).len(), 1);
+}
+
+#[test]
+fn a_peer_idle_past_the_idle_timeout_is_reset() {
+    let mut r = Rig::with_tcp(TcpConfig {
+        idle_timeout: Some(Duration::from_secs(10)),
+        ..TcpConfig::default()
+    });
+    let l = r.listen(8);
+    let iss = syn_from(&mut r, 40000)[0].seq;
+    r.send(&seg(TcpControl::None, 1001, Some(iss + 1), &[]));
+    let (h, _, _) = r.s.tcp_accept(l).unwrap();
+    // (Within the neighbour entry's lifetime, so that the reset leaves without an ARP.)
+    assert!(r.advance(Duration::from_secs(9)).is_empty());
+    // Data from the peer restarts the clock.
+    r.send(&seg(TcpControl::Psh, 1001, Some(iss + 1), b"hi"));
+    let mut quiet = r.advance(Duration::from_secs(9));
+    quiet.retain(|s| s.rst);
+    assert!(quiet.is_empty(), "not idle for 10 s yet");
+    let out = r.advance(Duration::from_secs(2));
+    let rst: Vec<_> = out.iter().filter(|s| s.rst).collect();
+    assert_eq!(rst.len(), 1, "{out:?}");
+    assert_eq!(rst[0].seq, iss + 1, "RST at SND.NXT");
+    assert_eq!(
+        r.s.tcp_error(h),
+        Some(subnetstack_stack::TcpError::TimedOut)
+    );
+    assert_eq!(r.s.counters().tcp_idle_timeouts, 1);
+    assert_eq!(r.s.tcp_connections(), 0);
+}

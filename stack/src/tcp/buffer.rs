@@ -103,6 +103,11 @@ impl SendBuffer {
         self.ring.limit - self.len
     }
 
+    /// Free space in storage already allocated (what can be queued without growing).
+    pub fn room_in_place(&self) -> usize {
+        self.ring.buf.len().saturating_sub(self.len)
+    }
+
     /// Appends as much of `data` as fits; returns how much.
     pub fn write(&mut self, data: &[u8]) -> usize {
         let n = min(data.len(), self.space());

@@ -109,6 +109,20 @@ pub struct TcpConfig {
     /// (counted). Per connection rather than per host, so that the limit leaks nothing about
     /// other connections (CVE-2016-5696).
     pub challenge_acks_per_sec: u32,
+    /// Most connections per stack, TIME-WAIT not counted (it has `max_time_wait`). At the limit
+    /// SYNs are dropped (counted; clients retry) and `tcp_connect` fails.
+    pub max_connections: usize,
+    /// Most half-open (SYN-RECEIVED) connections per stack. Past it SYNs are answered with SYN
+    /// cookies (no state), or dropped when cookies are off.
+    pub max_half_open: usize,
+    /// Connection buffer memory per stack (send and receive storage, bytes). Past it new
+    /// connections are refused like at `max_connections`, and `tcp_send` queues only into
+    /// storage already allocated; buffers free their storage when they empty.
+    pub max_buffer_memory: usize,
+    /// Reset a connection whose peer shows no progress (no data or FIN received, no new data
+    /// acknowledged) for this long: the peer that connects and never sends, or never reads.
+    /// Off by default.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// Keepalive settings (RFC 1122 4.2.3.6).
@@ -149,6 +163,10 @@ impl Default for TcpConfig {
             syncookies: true,
             congestion: Congestion::default(),
             challenge_acks_per_sec: 10,
+            max_connections: 1 << 20,
+            max_half_open: 1 << 16,
+            max_buffer_memory: 1 << 30,
+            idle_timeout: None,
         }
     }
 }
@@ -306,6 +324,10 @@ pub struct Conn {
     keepalive_at: Option<Duration>,
     keepalive_probes: u32,
     send_keepalive: bool,
+    /// When the peer counts as idle (see `TcpConfig::idle_timeout`).
+    idle_at: Option<Duration>,
+    /// A reset to send on the next poll (the idle timeout fired).
+    pending_rst: Option<Seq>,
     /// Both sides agreed on window scaling.
     ws_ok: bool,
     /// The connection runs over IPv6 (for the default MSS).
@@ -323,6 +345,8 @@ pub struct Conn {
     pub recoveries: u64,
     /// Tail loss probes sent.
     pub probes: u64,
+    /// The connection was reset by the idle timeout.
+    pub idle_timed_out: bool,
 }
 
 fn ms(d: Duration) -> u32 {
@@ -397,6 +421,8 @@ impl Conn {
             keepalive_at: None,
             keepalive_probes: 0,
             send_keepalive: false,
+            idle_at: None,
+            pending_rst: None,
             ws_ok: false,
             ipv6: false,
             error: None,
@@ -406,15 +432,16 @@ impl Conn {
             timeouts: 0,
             recoveries: 0,
             probes: 0,
+            idle_timed_out: false,
             cfg,
         }
     }
 
     /// Active open: a connection in SYN-SENT.
     pub fn connect(cfg: TcpConfig, local_mss: u16, ipv6: bool, iss: Seq, now: Duration) -> Conn {
-        let _ = now;
         let mut c = Conn::new(cfg, local_mss, iss, State::SynSent);
         c.ipv6 = ipv6;
+        c.touch(now);
         c
     }
 
@@ -434,7 +461,13 @@ impl Conn {
         c.take_syn_options(syn, now);
         c.snd_wnd = u32::from(syn.window);
         c.snd_wl1 = syn.seq;
+        c.touch(now);
         c
+    }
+
+    /// The peer made progress: restart the idle timeout.
+    fn touch(&mut self, now: Duration) {
+        self.idle_at = self.cfg.idle_timeout.map(|d| now + d);
     }
 
     /// Passive open from a valid SYN cookie: the SYN-ACK (sequence number `iss`, the cookie) is
@@ -542,6 +575,11 @@ impl Conn {
         } else {
             self.send.space()
         }
+    }
+
+    /// Like [`send_space`](Self::send_space), counting only storage already allocated.
+    pub fn send_space_in_place(&self) -> usize {
+        self.send_space().min(self.send.room_in_place())
     }
 
     fn can_send(&self) -> bool {
@@ -996,6 +1034,7 @@ impl Conn {
             let data = acked - syn_acked - u32::from(fin_acked);
             self.send.ack(data as usize);
             self.snd_una = ack;
+            self.touch(now);
             if self.snd_nxt < ack {
                 self.snd_nxt = ack;
             }
@@ -1162,6 +1201,9 @@ impl Conn {
     }
 
     fn take_data(&mut self, now: Duration, seg: &SegIn) {
+        if !seg.payload.is_empty() || seg.fin {
+            self.touch(now);
+        }
         // Trim what we already have.
         let (mut seq, mut data) = (seg.seq, seg.payload);
         if seq < self.rcv_nxt {
@@ -1212,6 +1254,23 @@ impl Conn {
     /// Runs timers due at `now`.
     pub fn on_timer(&mut self, now: Duration) {
         if self.time_wait_at.is_some_and(|t| t <= now) {
+            self.state = State::Closed;
+            return;
+        }
+        if self.idle_at.is_some_and(|t| t <= now)
+            && matches!(
+                self.state,
+                State::SynReceived
+                    | State::Established
+                    | State::CloseWait
+                    | State::FinWait1
+                    | State::FinWait2
+            )
+        {
+            self.idle_at = None;
+            self.pending_rst = Some(self.snd_max);
+            self.idle_timed_out = true;
+            self.error = Some(TcpError::TimedOut);
             self.state = State::Closed;
             return;
         }
@@ -1305,6 +1364,7 @@ impl Conn {
             self.persist_at,
             self.time_wait_at,
             keepalive,
+            self.idle_at.filter(|_| self.state != State::TimeWait),
             self.reo_at,
             self.pto_at,
         ]
@@ -1315,6 +1375,14 @@ impl Conn {
 
     /// Appends the segments to send now to `out`.
     pub fn poll_transmit(&mut self, now: Duration, out: &mut Vec<SegOut>) {
+        if let Some(seq) = self.pending_rst.take() {
+            out.push(SegOut {
+                seq,
+                rst: true,
+                ..Default::default()
+            });
+            return;
+        }
         let before = out.len();
         match self.state {
             State::SynSent | State::SynReceived => {
