@@ -1612,3 +1612,45 @@ fn a_peer_idle_past_the_idle_timeout_is_reset() {
     assert_eq!(r.s.counters().tcp_idle_timeouts, 1);
     assert_eq!(r.s.tcp_connections(), 0);
 }
+
+#[test]
+fn an_ack_for_a_fin_sent_before_a_timeout_ends_it_without_a_second_fin() {
+    // Found by the tcp_conversation fuzz target: after a timeout rewound the sender, an ACK
+    // covering the FIN sent earlier was taken for data, and a second FIN went out one sequence
+    // number further on.
+    let (mut r, iss1, h) = established();
+    r.s.tcp_set_nodelay(h, true).unwrap();
+    // Three segments (MSS 536: the SYN had no MSS option) and the FIN.
+    assert_eq!(r.s.tcp_send(r.now, h, &[5u8; 1500]), Ok(1500));
+    r.s.tcp_close(r.now, h);
+    let out = r.out();
+    let fin = out
+        .iter()
+        .find(|s| s.fin)
+        .expect("FIN with or after the data");
+    assert_eq!(
+        fin.seq + fin.payload.len() as i32,
+        iss1 + 1500,
+        "FIN after the data"
+    );
+    // The retransmission timeout goes back to the first segment; one MSS fits the window, so
+    // the FIN is not resent yet.
+    let again = r.advance(Duration::from_millis(1100));
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert!(!again[0].fin && again[0].seq == iss1);
+    // The peer's ACK for everything, FIN included, arrives late.
+    let out = r.send(&seg(TcpControl::None, 1001, Some(iss1 + 1501), &[]));
+    assert!(out.iter().all(|s| !s.fin), "no second FIN: {out:?}");
+    assert_eq!(
+        r.s.tcp_state(h),
+        Some(TcpState::FinWait2),
+        "our FIN is acknowledged"
+    );
+    // The peer's FIN now completes the close through TIME-WAIT (one ACK, at iss1 + 4).
+    let out = r.send(&seg(TcpControl::Fin, 1001, Some(iss1 + 1501), &[]));
+    assert_eq!(out.len(), 1);
+    assert!(
+        !out[0].fin && out[0].seq == iss1 + 1501 && out[0].ack == Some(1002),
+        "{out:?}"
+    );
+}

@@ -212,10 +212,70 @@ pub fn tcp4_frame(
         hop_limit: 64,
     };
     eth_ipv4(src_mac, dst_mac, ip, |b| {
-        repr.emit(
-            &mut TcpPacket::new_unchecked(b),
-            &IpAddress::Ipv4(src),
-            &IpAddress::Ipv4(dst),
+        emit_tcp(repr, IpAddress::Ipv4(src), IpAddress::Ipv4(dst), b)
+    })
+}
+
+fn emit_tcp(repr: &TcpRepr, src: IpAddress, dst: IpAddress, b: &mut [u8]) {
+    repr.emit(
+        &mut TcpPacket::new_unchecked(b),
+        &src,
+        &dst,
+        &ChecksumCapabilities::default(),
+    )
+}
+
+/// A TCP/IPv6 frame with full checksums.
+pub fn tcp6_frame(
+    src_mac: Mac,
+    dst_mac: Mac,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    repr: &TcpRepr,
+) -> Vec<u8> {
+    let ip = Ipv6Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: IpProtocol::Tcp,
+        payload_len: repr.buffer_len(),
+        hop_limit: 64,
+    };
+    eth_ipv6(src_mac, dst_mac, ip, |b| {
+        emit_tcp(repr, IpAddress::Ipv6(src), IpAddress::Ipv6(dst), b)
+    })
+}
+
+/// A UDP/IPv6 frame whose UDP header follows a hop-by-hop options header (8 bytes: a PadN
+/// option), checksums right.
+pub fn udp6_hop_by_hop(
+    src_mac: Mac,
+    dst_mac: Mac,
+    src: SocketAddr,
+    dst: SocketAddr,
+    payload: &[u8],
+) -> Vec<u8> {
+    let (IpAddr::V6(s6), IpAddr::V6(d6)) = (src.ip(), dst.ip()) else {
+        panic!("IPv6 addresses")
+    };
+    let udp = UdpRepr {
+        src_port: src.port(),
+        dst_port: dst.port(),
+    };
+    let ip = Ipv6Repr {
+        src_addr: s6,
+        dst_addr: d6,
+        next_header: IpProtocol::HopByHop,
+        payload_len: 8 + udp.header_len() + payload.len(),
+        hop_limit: 64,
+    };
+    eth_ipv6(src_mac, dst_mac, ip, |b| {
+        b[..8].copy_from_slice(&[17, 0, 1, 4, 0, 0, 0, 0]);
+        udp.emit(
+            &mut UdpPacket::new_unchecked(&mut b[8..]),
+            &IpAddress::Ipv6(s6),
+            &IpAddress::Ipv6(d6),
+            payload.len(),
+            |p| p.copy_from_slice(payload),
             &ChecksumCapabilities::default(),
         )
     })
@@ -487,8 +547,9 @@ pub fn icmpv6(frame: &[u8]) -> Option<(Ipv6Addr, Ipv6Addr, u8, Vec<u8>)> {
 
 /// Turns fuzzer bytes into frames for a stack with MAC `dst_mac` and local prefixes around
 /// 198.18.1.0/24 and 2001:db8:100::/48: each chunk picks a valid template (UDP, echo, ARP, NDP,
-/// fragments, both families) and XORs the rest of the chunk over it, so mutations reach deep
-/// into the parsers. Calls `feed` with every frame.
+/// fragments, TCP SYNs with every option and ACKs with SACK blocks, an IPv6 hop-by-hop header,
+/// an ICMP error quoting TCP; both families) and XORs the rest of the chunk over it, so
+/// mutations reach deep into the parsers. Calls `feed` with every frame.
 pub fn fuzz_frames(data: &[u8], dst_mac: Mac, mut feed: impl FnMut(&[u8])) {
     let peer: Mac = [0x02, 0, 0, 0, 0, 0x99];
     let (p4, l4): (IpAddr, IpAddr) = (
@@ -503,7 +564,17 @@ pub fn fuzz_frames(data: &[u8], dst_mac: Mac, mut feed: impl FnMut(&[u8])) {
         let Some((&pick, rest)) = chunk.split_first() else {
             continue;
         };
-        let mut f = match pick % 9 {
+        let syn = TcpRepr {
+            max_seg_size: Some(1460),
+            window_scale: Some(7),
+            sack_permitted: true,
+            timestamp: Some(smoltcp::wire::TcpTimestampRepr::new(1, 0)),
+            ..tcp_repr(40000, 80, TcpControl::Syn, 1000, None, 65535, &[])
+        };
+        let (IpAddr::V4(p4v), IpAddr::V4(l4v)) = (p4, l4) else {
+            unreachable!("IPv4 literals")
+        };
+        let mut f = match pick % 14 {
             0 => udp_frame(
                 peer,
                 dst_mac,
@@ -544,6 +615,39 @@ pub fn fuzz_frames(data: &[u8], dst_mac: Mac, mut feed: impl FnMut(&[u8])) {
                 );
                 f[20] |= 0x20;
                 f
+            }
+            8 => tcp4_frame(peer, dst_mac, p4v, l4v, &syn),
+            9 => tcp6_frame(peer, dst_mac, p6, l6, &syn),
+            10 => {
+                // An ACK with data and SACK blocks for no connection (cookie check, RST).
+                let mut ack = tcp_repr(40001, 80, TcpControl::Psh, 1001, Some(77), 512, b"GET /");
+                ack.sack_ranges[0] = Some((5, 9));
+                tcp4_frame(peer, dst_mac, p4v, l4v, &ack)
+            }
+            11 => udp6_hop_by_hop(
+                peer,
+                dst_mac,
+                SocketAddr::new(p6.into(), 5000),
+                SocketAddr::new(l6.into(), 7),
+                b"ext",
+            ),
+            12 => {
+                // ICMP unreachable (fragmentation needed) quoting a segment the stack sent.
+                let sent = tcp4_frame(
+                    dst_mac,
+                    peer,
+                    l4v,
+                    p4v,
+                    &tcp_repr(80, 40000, TcpControl::None, 5, Some(1001), 512, b"x"),
+                );
+                icmpv4_unreachable(
+                    peer,
+                    dst_mac,
+                    p4v,
+                    &sent,
+                    smoltcp::wire::Icmpv4DstUnreachable::FragRequired,
+                    1000,
+                )
             }
             _ => rest.to_vec(),
         };

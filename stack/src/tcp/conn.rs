@@ -258,6 +258,9 @@ pub struct Conn {
     close_requested: bool,
     /// Sequence number of our FIN, once sent.
     fin_seq: Option<Seq>,
+    /// Where our FIN sits once first sent; unlike `fin_seq` (the FIN in flight) it stays
+    /// after a rewind, so that an ACK for the FIN sent before a timeout still counts as one.
+    fin_pos: Option<Seq>,
     // Receive side.
     irs: Seq,
     rcv_nxt: Seq,
@@ -378,6 +381,7 @@ impl Conn {
             snd_shift: 0,
             close_requested: false,
             fin_seq: None,
+            fin_pos: None,
             irs: Seq(0),
             rcv_nxt: Seq(0),
             rcv_shift,
@@ -1030,7 +1034,11 @@ impl Conn {
             let acked = ack - self.snd_una;
             // FIN and SYN occupy sequence space but not the send buffer.
             let syn_acked = u32::from(self.snd_una == self.iss);
-            let fin_acked = self.fin_seq.is_some_and(|f| ack > f);
+            let fin_acked = self.fin_seq.or(self.fin_pos).is_some_and(|f| ack > f);
+            if fin_acked {
+                // Acknowledged before the rewound FIN went out again: it is not to be resent.
+                self.fin_seq = self.fin_seq.or(self.fin_pos);
+            }
             let data = acked - syn_acked - u32::from(fin_acked);
             self.send.ack(data as usize);
             self.snd_una = ack;
@@ -1672,6 +1680,7 @@ impl Conn {
             self.snd_max = self.snd_max.max(self.snd_nxt);
             if want_fin {
                 self.fin_seq = Some(seq + len as u32);
+                self.fin_pos.get_or_insert(seq + len as u32);
                 match self.state {
                     State::Established | State::SynReceived => self.state = State::FinWait1,
                     State::CloseWait => self.state = State::LastAck,
