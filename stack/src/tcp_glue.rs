@@ -496,7 +496,7 @@ impl Stack {
             return self.drop(DropReason::TcpBadChecksum);
         }
         if pkt.syn() && pkt.fin() {
-            return self.drop(DropReason::TcpBadFlags);
+            return self.tcp_syn_fin(now, ip, &pkt);
         }
         let Ok(repr) = TcpRepr::parse(
             &pkt,
@@ -526,6 +526,37 @@ impl Stack {
             return self.tcp_feed(now, idx, local, remote, &seg);
         }
         self.rx_tcp_new(now, local, remote, &seg);
+    }
+
+    /// SYN and FIN together (a scan, never a real peer): dropped by a connection or a listener;
+    /// for a closed port answered with RST like anything else there (as Linux does).
+    fn tcp_syn_fin(&mut self, now: Duration, ip: IpL4, pkt: &TcpPacket<&[u8]>) {
+        self.drop(DropReason::TcpBadFlags);
+        let local = SocketAddr::new(ip.dst, pkt.dst_port());
+        let remote = SocketAddr::new(ip.src, pkt.src_port());
+        let flow =
+            Flow::new(remote.ip(), remote.port(), local.ip(), local.port()).expect("one family");
+        if pkt.rst()
+            || self.tcp.table.contains_key(&(local, remote))
+            || self.demux.snapshot().lookup(Protocol::Tcp, &flow).is_some()
+        {
+            return;
+        }
+        let rst = if pkt.ack() {
+            SegOut {
+                seq: Seq(pkt.ack_number().0 as u32),
+                rst: true,
+                ..Default::default()
+            }
+        } else {
+            SegOut {
+                seq: Seq(0),
+                ack: Some(Seq(pkt.seq_number().0 as u32) + pkt.payload().len() as u32 + 2),
+                rst: true,
+                ..Default::default()
+            }
+        };
+        self.send_seg(now, local, remote, &rst, None);
     }
 
     /// Gives `seg` to connection `idx`, sends its immediate answers (RST), counts a drop, and
@@ -564,6 +595,11 @@ impl Stack {
                 return self.tcp_syn(now, hit.listener.0 as u32, local, remote, seg);
             }
             self.drop(DropReason::TcpNoBinding);
+        } else if seg.ack.is_none() && self.demux.snapshot().lookup(Protocol::Tcp, &flow).is_some()
+        {
+            // RFC 9293 3.10.7.2, LISTEN: any other segment must carry an ACK; without one it is
+            // dropped, not answered (Linux does the same; scans like FIN+PSH+URG get nothing).
+            return self.drop(DropReason::TcpNoAck);
         } else if let (Some(ack), false) = (seg.ack, seg.syn) {
             match self.tcp_cookie_ack(now, &flow, local, remote, seg, ack) {
                 CookieAck::Created => return,

@@ -1654,3 +1654,53 @@ fn an_ack_for_a_fin_sent_before_a_timeout_ends_it_without_a_second_fin() {
         "{out:?}"
     );
 }
+
+#[test]
+fn scans_get_what_linux_gives_them() {
+    // As measured against Linux with hping3 (tests/hostile_live.rs compares the two live):
+    // SYN+FIN and FIN+PSH+URG are dropped by a listener and answered with RST|ACK by a closed
+    // port; a bare ACK gets RST from both.
+    let mut r = Rig::new();
+    r.listen(8);
+    let syn_fin = |port: u16| {
+        let mut f = tcp4_frame(
+            P_MAC,
+            S_MAC,
+            PEER,
+            LOCAL,
+            &tcp_repr(40000, port, TcpControl::Syn, 1000, None, 512, &[]),
+        );
+        f[34 + 13] |= 0x01; // FIN
+        let mut p = smoltcp::wire::TcpPacket::new_unchecked(&mut f[34..]);
+        p.fill_checksum(&PEER.into(), &LOCAL.into());
+        f
+    };
+    r.s.handle_frame(r.now, &syn_fin(80), FrameMeta::default());
+    assert!(r.out().is_empty(), "a listener drops SYN+FIN");
+    r.s.handle_frame(r.now, &syn_fin(81), FrameMeta::default());
+    let out = r.out();
+    assert_eq!(out.len(), 1);
+    assert!(out[0].rst && out[0].ack == Some(1002), "{out:?}");
+    assert_eq!(r.s.counters().dropped(DropReason::TcpBadFlags), 2);
+    // FIN+PSH (+URG, which we ignore) without ACK.
+    let fin = |port: u16| tcp_repr(40000, port, TcpControl::Fin, 1000, None, 512, &[]);
+    assert!(r.send(&fin(80)).is_empty(), "a listener drops it");
+    let out = r.send(&fin(81));
+    assert!(
+        out.len() == 1 && out[0].rst && out[0].ack == Some(1001),
+        "{out:?}"
+    );
+    // A bare ACK: RST from its acknowledgement number, listener or not.
+    for port in [80, 81] {
+        let out = r.send(&tcp_repr(
+            40000,
+            port,
+            TcpControl::None,
+            1000,
+            Some(555),
+            512,
+            &[],
+        ));
+        assert!(out.len() == 1 && out[0].rst && out[0].seq == 555, "{out:?}");
+    }
+}
