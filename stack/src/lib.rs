@@ -1192,6 +1192,11 @@ impl Stack {
                 f[..6].copy_from_slice(&mac);
                 self.queue_tx(f);
             }
+            Resolve::SendAndSolicit(mac, mut f) => {
+                f[..6].copy_from_slice(&mac);
+                self.queue_tx(f);
+                self.solicit(now, hop, src);
+            }
             Resolve::Queued { solicit } => {
                 if solicit {
                     self.solicit(now, hop, src);

@@ -39,8 +39,22 @@ impl Default for NeighborConfig {
 
 #[derive(Debug)]
 enum State {
-    Reachable { mac: Mac, expires: Duration },
-    Incomplete { next_try: Duration, tries: u8 },
+    Reachable {
+        mac: Mac,
+        expires: Duration,
+    },
+    /// Past its reachable time but still used, as Linux's STALE/PROBE: frames keep going to
+    /// the last known MAC while solicitations check it (queueing every frame behind a new
+    /// resolution would stall a busy connection for a round trip, and overflow the queue).
+    Stale {
+        mac: Mac,
+        next_try: Duration,
+        tries: u8,
+    },
+    Incomplete {
+        next_try: Duration,
+        tries: u8,
+    },
 }
 
 #[derive(Debug)]
@@ -57,6 +71,8 @@ struct Entry {
 pub enum Resolve {
     /// Send now to this MAC.
     Send(Mac, Vec<u8>),
+    /// Send now to this (stale) MAC, and send a solicitation to confirm it.
+    SendAndSolicit(Mac, Vec<u8>),
     /// Queued; send a solicitation now if `solicit`.
     Queued {
         /// A solicitation is due.
@@ -92,10 +108,11 @@ impl NeighborCache {
         self.map.is_empty()
     }
 
-    /// The MAC of a resolved neighbour.
+    /// The MAC of a resolved neighbour (one being re-checked included).
     pub fn get(&self, ip: IpAddr, now: Duration) -> Option<Mac> {
         match self.map.get(&ip)?.state {
             State::Reachable { mac, expires } if expires > now => Some(mac),
+            State::Stale { mac, .. } => Some(mac),
             _ => None,
         }
     }
@@ -129,8 +146,26 @@ impl NeighborCache {
     /// Resolves `ip` for `frame` (a whole frame, destination MAC to be set) sent from our
     /// address `src`.
     pub fn resolve(&mut self, ip: IpAddr, src: IpAddr, frame: Vec<u8>, now: Duration) -> Resolve {
-        if let Some(mac) = self.get(ip, now) {
-            return Resolve::Send(mac, frame);
+        let retry = self.cfg.retry;
+        if let Some(e) = self.map.get_mut(&ip) {
+            match &mut e.state {
+                State::Reachable { mac, expires } if *expires > now => {
+                    return Resolve::Send(*mac, frame);
+                }
+                State::Reachable { mac, .. } => {
+                    // Expired while in use: keep sending, and check.
+                    let mac = *mac;
+                    e.src = src;
+                    e.state = State::Stale {
+                        mac,
+                        next_try: now + retry,
+                        tries: 1,
+                    };
+                    return Resolve::SendAndSolicit(mac, frame);
+                }
+                State::Stale { mac, .. } => return Resolve::Send(*mac, frame),
+                State::Incomplete { .. } => {}
+            }
         }
         if !self.map.contains_key(&ip) && !self.make_room(now) {
             return Resolve::Dropped(frame, crate::DropReason::NeighborCacheFull);
@@ -144,14 +179,6 @@ impl NeighborCache {
             src,
             pending: VecDeque::new(),
         });
-        if let State::Reachable { .. } = e.state {
-            e.src = src;
-            // Expired: resolve again.
-            e.state = State::Incomplete {
-                next_try: now,
-                tries: 0,
-            };
-        }
         if e.pending.iter().map(Vec::len).sum::<usize>() + frame.len() > cfg.pending_bytes {
             return Resolve::Dropped(frame, crate::DropReason::NeighborQueueFull);
         }
@@ -202,6 +229,20 @@ impl NeighborCache {
         let tries = self.cfg.tries;
         let retry = self.cfg.retry;
         self.map.retain(|ip, e| match &mut e.state {
+            State::Stale {
+                next_try, tries: t, ..
+            } if *next_try <= now => {
+                if *t >= tries {
+                    // The old address no longer answers: forget it (the next frame resolves
+                    // afresh).
+                    false
+                } else {
+                    *t += 1;
+                    *next_try = now + retry;
+                    again.push((*ip, e.src));
+                    true
+                }
+            }
             State::Incomplete { next_try, tries: t } if *next_try <= now => {
                 if *t >= tries {
                     dead.push((*ip, e.pending.drain(..).collect()));
@@ -229,7 +270,9 @@ impl NeighborCache {
         self.map
             .values()
             .filter_map(|e| match e.state {
-                State::Incomplete { next_try, .. } => Some(next_try),
+                State::Incomplete { next_try, .. } | State::Stale { next_try, .. } => {
+                    Some(next_try)
+                }
                 State::Reachable { .. } => None,
             })
             .min()
@@ -262,8 +305,34 @@ mod tests {
         assert_eq!(flushed.len(), 2);
         assert!(flushed.iter().all(|f| f[..6] == MAC));
         assert!(matches!(c.resolve(ip(1), ip(9), vec![0; 20], t), Resolve::Send(m, _) if m == MAC));
-        // Expiry.
-        assert_eq!(c.get(ip(1), t + Duration::from_secs(31)), None);
+        // Past its reachable time, a used entry keeps its MAC and is checked again...
+        let later = t + Duration::from_secs(31);
+        assert!(matches!(
+            c.resolve(ip(1), ip(9), vec![0; 20], later),
+            Resolve::SendAndSolicit(m, _) if m == MAC
+        ));
+        assert!(
+            matches!(c.resolve(ip(1), ip(9), vec![0; 20], later), Resolve::Send(m, _) if m == MAC)
+        );
+        // ...an answer makes it reachable again...
+        c.learn(ip(1), MAC, later, false);
+        assert_eq!(c.get(ip(1), later + Duration::from_secs(29)), Some(MAC));
+        // ...and silence to every check forgets it.
+        let stale = later + Duration::from_secs(31);
+        assert!(matches!(
+            c.resolve(ip(1), ip(9), vec![0; 20], stale),
+            Resolve::SendAndSolicit(..)
+        ));
+        let mut checks = 1;
+        for s in 1..10 {
+            checks += c.poll(stale + Duration::from_secs(s)).0.len();
+        }
+        assert_eq!(checks, 3, "three checks in all");
+        assert_eq!(c.get(ip(1), stale + Duration::from_secs(10)), None);
+        assert!(matches!(
+            c.resolve(ip(1), ip(9), vec![0; 20], stale + Duration::from_secs(10)),
+            Resolve::Queued { solicit: true }
+        ));
     }
 
     #[test]
