@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Side by side: the same HTTP client runs against
 #   (a) subnetstack's `http` example over a TAP (a fixed 13-byte body),
-#   (x) the same over AF_XDP on a veth pair (native XDP, copy mode: veth has no zero-copy), and
+#   (x) the same over AF_XDP on a veth pair (native XDP, copy mode: veth has no zero-copy),
+#   (s) smoltcp 0.14 over a TAP (benches/smoltcp_http.rs: the same answers, one poll thread), and
 #   (b) the Linux kernel: nginx, one worker, the same 13-byte body, bound to 0.0.0.0:80 with
 #       AnyIP (`ip route add local 198.18.0.0/16 dev lo`), reached from a client namespace over
 #       a veth pair.
@@ -29,12 +30,15 @@ done
 
 cargo build --release --example http >/dev/null
 HTTP=target/release/examples/http
+SMOLTCP=$(cargo build --release --bench smoltcp_http --message-format=json 2>/dev/null |
+    grep -o '"executable":"[^"]*smoltcp_http[^"]*"' | tail -1 | cut -d'"' -f4)
+[ -x "$SMOLTCP" ] || { echo "compare.sh: could not build benches/smoltcp_http.rs" >&2; exit 1; }
 TMP=$(mktemp -d)
 PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    for ns in sst-cmp-a sst-cmp-x sst-cmp-k sst-cmp-c; do ip netns del "$ns" 2>/dev/null || true; done
+    for ns in sst-cmp-a sst-cmp-x sst-cmp-s sst-cmp-k sst-cmp-c; do ip netns del "$ns" 2>/dev/null || true; done
     rm -rf "$TMP"
 }
 trap cleanup EXIT
@@ -46,7 +50,7 @@ ip netns exec sst-cmp-a ip tuntap add mode tap name sst-cmp0
 ip -n sst-cmp-a link set sst-cmp0 up
 ip -n sst-cmp-a addr add 198.19.255.1/24 dev sst-cmp0
 ip -n sst-cmp-a route add 198.18.0.0/16 via 198.19.255.2 dev sst-cmp0
-ip netns exec sst-cmp-a "$HTTP" --tap sst-cmp0 --prefix 198.18.0.0/16 --prefix 198.19.255.2/32 \
+ip netns exec sst-cmp-a "$HTTP" --in-loop ${POLL:+--poll $POLL} --tap sst-cmp0 --prefix 198.18.0.0/16 --prefix 198.19.255.2/32 \
     --gateway 198.19.255.1 --bind tcp:198.18.0.0/16:80 --fixed-body "$BODY" \
     >"$TMP/http.log" 2>&1 &
 PIDS+=($!)
@@ -62,11 +66,23 @@ ip -n sst-cmp-x link set sst-cmpx0 up
 ip -n sst-cmp-x link set sst-cmpx1 up
 ip -n sst-cmp-x addr add 198.19.253.1/24 dev sst-cmpx0
 ip -n sst-cmp-x route add 198.18.0.0/16 via 198.19.253.2 dev sst-cmpx0
-ip netns exec sst-cmp-x "$HTTP" --xdp sst-cmpx1 --prefix 198.18.0.0/16 --prefix 198.19.253.2/32 \
+ip netns exec sst-cmp-x "$HTTP" --in-loop ${POLL:+--poll $POLL} --xdp sst-cmpx1 --prefix 198.18.0.0/16 --prefix 198.19.253.2/32 \
     --gateway 198.19.253.1 --bind tcp:198.18.0.0/16:80 --fixed-body "$BODY" \
     >"$TMP/http-xdp.log" 2>&1 &
 PIDS+=($!)
 PID_X=$!
+
+# (s) smoltcp on a TAP, set up as (a).
+ip netns add sst-cmp-s
+ip -n sst-cmp-s link set lo up
+ip netns exec sst-cmp-s ip tuntap add mode tap name sst-cmps0
+ip -n sst-cmp-s link set sst-cmps0 up
+ip -n sst-cmp-s addr add 198.19.252.1/24 dev sst-cmps0
+ip -n sst-cmp-s route add 198.18.0.0/16 via 198.19.252.2 dev sst-cmps0
+ip netns exec sst-cmp-s "$SMOLTCP" --tap sst-cmps0 --addr 198.19.252.2/24 --gateway 198.19.252.1 \
+    --serve 198.18.0.0/16 --sockets 10240 --body "$BODY" >"$TMP/smoltcp.log" 2>&1 &
+PIDS+=($!)
+PID_S=$!
 
 # (b) the kernel: nginx in its namespace, the client in another, a veth between.
 ip netns add sst-cmp-k
@@ -87,7 +103,8 @@ worker_processes 1;
 daemon off;
 pid $TMP/nginx.pid;
 error_log $TMP/nginx.err;
-events { worker_connections 4096; }
+worker_rlimit_nofile 16384;
+events { worker_connections 16384; }
 http {
     access_log off;
     keepalive_requests 1000000;
@@ -106,34 +123,41 @@ PID_K=$!
 for _ in $(seq 100); do
     a=$(ip netns exec sst-cmp-a curl -s --max-time 1 "http://$TARGET/" || true)
     x=$(ip netns exec sst-cmp-x curl -s --max-time 1 "http://$TARGET/" || true)
+    s=$(ip netns exec sst-cmp-s curl -s --max-time 1 "http://$TARGET/" || true)
     k=$(ip netns exec sst-cmp-c curl -s --max-time 1 "http://$TARGET/" || true)
-    [ "$a" = "hello, world" ] && [ "$x" = "hello, world" ] && [ "$k" = "hello, world" ] && break
+    [ "$a" = "hello, world" ] && [ "$x" = "hello, world" ] && [ "$s" = "hello, world" ] &&
+        [ "$k" = "hello, world" ] && break
     sleep 0.1
 done
-[ "$a" = "hello, world" ] && [ "$x" = "hello, world" ] && [ "$k" = "hello, world" ] ||
+[ "$a" = "hello, world" ] && [ "$x" = "hello, world" ] && [ "$s" = "hello, world" ] &&
+    [ "$k" = "hello, world" ] ||
     { echo "compare.sh: servers did not come up" >&2; tail -3 "$TMP"/http*.log >&2; exit 1; }
 
 # CPU ticks (user + system) of a process with its threads and children (nginx's worker), and
 # of the whole machine.
+# `proc_ticks PID` is user + system; `proc_ticks PID 14` user only. On a TAP, system time
+# includes the kernel's own TCP work for the client's packets (a TAP write delivers the frame
+# into the kernel stack in the writer's context), which the server merely triggers.
 proc_ticks() {
     local t=0 p
     for p in "$1" $(pgrep -P "$1" || true); do
-        t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+        t=$((t + $(awk -v f="${2:-0}" '{print f ? $f : $14 + $15}' "/proc/$p/stat")))
     done
     echo "$t"
 }
 machine_busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 HZ=$(getconf CLK_TCK)
 
-# One wrk run: prints "requests req/s server_us_per_req machine_us_per_req errors".
+# One wrk run: prints "requests req/s server_us_per_req machine_us_per_req errors
+# server_user_us_per_req".
 run() {
-    local ns=$1 pid=$2 close=$3
+    local ns=$1 pid=$2 close=$3 conns=${4:-64}
     local hdr=()
     [ "$close" = 1 ] && hdr=(-H "Connection: close")
-    local p0 m0 p1 m1 out
-    p0=$(proc_ticks "$pid"); m0=$(machine_busy)
-    out=$(ip netns exec "$ns" wrk -t1 -c64 -d"${DUR}s" "${hdr[@]}" "http://$TARGET/")
-    p1=$(proc_ticks "$pid"); m1=$(machine_busy)
+    local p0 m0 p1 m1 u0 u1 out
+    p0=$(proc_ticks "$pid"); u0=$(proc_ticks "$pid" 14); m0=$(machine_busy)
+    out=$(ip netns exec "$ns" wrk -t1 -c"$conns" -d"${DUR}s" "${hdr[@]}" "http://$TARGET/")
+    p1=$(proc_ticks "$pid"); u1=$(proc_ticks "$pid" 14); m1=$(machine_busy)
     [ -n "${VERBOSE:-}" ] && echo "$ns close=$close: $out" >&2
     local reqs rps errs
     reqs=$(echo "$out" | awk '/requests in/ {print $1}')
@@ -141,17 +165,30 @@ run() {
     errs=$(echo "$out" | awk '/Socket errors/ {gsub(",", ""); print $4 + $6 + $8 + $10}')
     errs=${errs:-0}
     awk -v r="$reqs" -v s="$rps" -v p=$((p1 - p0)) -v m=$((m1 - m0)) -v hz="$HZ" -v e="$errs" \
-        'BEGIN { printf "%d %.0f %.2f %.2f %d\n", r, s, p * 1e6 / hz / r, m * 1e6 / hz / r, e }'
+        -v u=$((u1 - u0)) \
+        'BEGIN { printf "%d %.0f %.2f %.2f %d %.2f\n", r, s, p * 1e6 / hz / r, m * 1e6 / hz / r, e, u * 1e6 / hz / r }'
 }
 
 median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
 declare -A RES
-for close in 0 1; do
+# Tests: keep-alive (64 connections), connection close (64), keep-alive with 400 and with
+# 10,000 connections (wrk opens them all; errors count).
+ulimit -n "$(ulimit -Hn)"  # wrk needs one descriptor per connection
+TESTS=${TESTS:-"ka close c400 c10000"}
+args_of() {
+    case $1 in
+        ka) echo "0 64" ;;
+        close) echo "1 64" ;;
+        c*) echo "0 ${1#c}" ;;
+    esac
+}
+for t in $TESTS; do
     for i in $(seq "$RUNS"); do
-        RES[a,$close]+="$(run sst-cmp-a "$PID_A" "$close")"$'\n'
-        RES[x,$close]+="$(run sst-cmp-x "$PID_X" "$close")"$'\n'
-        RES[k,$close]+="$(run sst-cmp-c "$PID_K" "$close")"$'\n'
+        RES[a,$t]+="$(run sst-cmp-a "$PID_A" $(args_of "$t"))"$'\n'
+        RES[x,$t]+="$(run sst-cmp-x "$PID_X" $(args_of "$t"))"$'\n'
+        RES[s,$t]+="$(run sst-cmp-s "$PID_S" $(args_of "$t"))"$'\n'
+        RES[k,$t]+="$(run sst-cmp-c "$PID_K" $(args_of "$t"))"$'\n'
     done
 done
 
@@ -164,29 +201,36 @@ bulk() {
 for i in $(seq "$RUNS"); do
     RES[a,bulk]+="$(bulk sst-cmp-a "http://$TARGET/big?bytes=1073741824")"$'\n'
     RES[x,bulk]+="$(bulk sst-cmp-x "http://$TARGET/big?bytes=1073741824")"$'\n'
+    RES[s,bulk]+="$(bulk sst-cmp-s "http://$TARGET/big?bytes=1073741824")"$'\n'
     RES[k,bulk]+="$(bulk sst-cmp-c "http://$TARGET/big")"$'\n'
 done
 
 col() { echo -n "${RES[$1,$2]}" | awk -v c="$3" 'NF {print $c}' | median; }
 echo
-echo "Side by side, $(date -u +%Y-%m-%d), medians of $RUNS runs of ${DUR}s, wrk -t1 -c64, one server thread/worker:"
+echo "Side by side, $(date -u +%Y-%m-%d), medians of $RUNS interleaved runs of ${DUR}s, wrk -t1, one server thread/worker:"
 echo
-echo "| test | system | req/s | server CPU µs/req | machine CPU µs/req | errors |"
-echo "|---|---|---:|---:|---:|---:|"
-for close in 0 1; do
-    name=$([ "$close" = 0 ] && echo keep-alive || echo "connection close")
-    for sys in a x k; do
+echo "| test | system | req/s | server CPU µs/req | of which user | machine CPU µs/req | errors |"
+echo "|---|---|---:|---:|---:|---:|---:|"
+for close in $TESTS; do
+    case $close in
+        ka) name="keep-alive, 64 connections" ;;
+        close) name="connection close, 64 at a time" ;;
+        c*) name="keep-alive, ${close#c} connections" ;;
+    esac
+    for sys in a x s k; do
         case $sys in
             a) label="subnetstack (TAP)" ;;
             x) label="subnetstack (AF_XDP, veth)" ;;
+            s) label="smoltcp 0.14 (TAP)" ;;
             k) label="Linux + nginx (veth)" ;;
         esac
-        echo "| $name | $label | $(col "$sys" "$close" 2) | $(col "$sys" "$close" 3) | $(col "$sys" "$close" 4) | $(col "$sys" "$close" 5) |"
+        echo "| $name | $label | $(col "$sys" "$close" 2) | $(col "$sys" "$close" 3) | $(col "$sys" "$close" 6) | $(col "$sys" "$close" 4) | $(col "$sys" "$close" 5) |"
     done
 done
 echo
 echo "| 1 GiB download (curl) | subnetstack (TAP) | $(col a bulk 1) Gbit/s |"
 echo "| 1 GiB download (curl) | subnetstack (AF_XDP, veth) | $(col x bulk 1) Gbit/s |"
+echo "| 1 GiB download (curl) | smoltcp 0.14 (TAP) | $(col s bulk 1) Gbit/s |"
 echo "| 1 GiB download (curl) | Linux + nginx (veth) | $(col k bulk 1) Gbit/s |"
 echo
 echo "subnetstack's drops by reason after the runs:"

@@ -28,6 +28,11 @@ struct Args {
     /// benchmarks against servers that answer a fixed body).
     #[arg(long, value_name = "TEXT")]
     fixed_body: Option<String>,
+    /// Serve on the poll thread itself (the runtime's in-loop API, one queue) instead of a
+    /// thread per connection over blocking handles: no context switch per request. Serves `/`,
+    /// `/big?bytes=N` and `/metrics` (the stack's counters).
+    #[arg(long)]
+    in_loop: bool,
 }
 
 /// One parsed request: method, target, whether the connection stays open after it.
@@ -188,6 +193,248 @@ fn serve(
     s.flush()
 }
 
+/// The in-loop server: HTTP on the poll thread, straight on the stack's sans-IO calls.
+mod in_loop {
+    use std::collections::HashMap;
+    use std::fmt::Write as _;
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use subnetstack::demux::PortSpec;
+    use subnetstack::stack::{DropReason, IoError, Stack, TcpHandle, TcpListenerHandle};
+
+    use super::common::BindSpec;
+
+    #[derive(Default)]
+    struct Conn {
+        /// Which binding accepted it.
+        binding: usize,
+        local: Option<SocketAddr>,
+        req: Vec<u8>,
+        out: Vec<u8>,
+        sent: usize,
+        /// Generated body bytes still to send (`/big`).
+        big: u64,
+        close_after: bool,
+        eof: bool,
+    }
+
+    /// Serves `binds` from inside the poll loop.
+    pub struct Server {
+        binds: Vec<BindSpec>,
+        listeners: Vec<TcpListenerHandle>,
+        conns: HashMap<TcpHandle, Conn>,
+        fixed: Option<String>,
+        chunk: Vec<u8>,
+        scratch: Vec<u8>,
+        done: Vec<TcpHandle>,
+    }
+
+    /// Whether the request head asks to close after the response (HTTP/1.0 without
+    /// keep-alive, or `Connection: close`).
+    fn closes(head: &[u8]) -> bool {
+        let mut lines = head.split(|&b| b == b'\n');
+        let http10 = lines
+            .next()
+            .is_some_and(|l| l.windows(8).any(|w| w == b"HTTP/1.0"));
+        let mut close = http10;
+        for l in lines {
+            if l.len() > 11 && l[..11].eq_ignore_ascii_case(b"connection:") {
+                let v = String::from_utf8_lossy(&l[11..]).to_ascii_lowercase();
+                close = v.contains("close") || (http10 && !v.contains("keep-alive"));
+            }
+        }
+        close
+    }
+
+    impl Server {
+        pub fn new(binds: Vec<BindSpec>, fixed: Option<String>) -> Server {
+            Server {
+                binds,
+                listeners: Vec::new(),
+                conns: HashMap::new(),
+                fixed,
+                chunk: (0..65536u32).map(|i| (i % 251) as u8).collect(),
+                scratch: vec![0; 64 * 1024],
+                done: Vec::new(),
+            }
+        }
+
+        fn respond(&self, c: &mut Conn, s: &Stack, target: &[u8]) {
+            let conn = if c.close_after { "close" } else { "keep-alive" };
+            c.out.clear();
+            c.sent = 0;
+            if target == b"/" {
+                let body = match &self.fixed {
+                    Some(f) => f.clone(),
+                    None => format!(
+                        "binding {} local {}\n",
+                        self.binds[c.binding],
+                        c.local.map(|l| l.to_string()).unwrap_or_default()
+                    ),
+                };
+                let _ = write!(
+                    Vec8(&mut c.out),
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {conn}\r\n\r\n{body}",
+                    body.len()
+                );
+            } else if let Some(n) = target.strip_prefix(b"/big?bytes=") {
+                c.big = String::from_utf8_lossy(n).parse().unwrap_or(0);
+                let _ = write!(
+                    Vec8(&mut c.out),
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: {conn}\r\n\r\n",
+                    c.big
+                );
+            } else if target == b"/metrics" {
+                let mut body = String::new();
+                let k = s.counters();
+                let _ = writeln!(body, "subnetstack_rx_frames_total {}", k.rx_frames);
+                let _ = writeln!(body, "subnetstack_tx_frames_total {}", k.tx_frames);
+                let _ = writeln!(body, "subnetstack_tcp_connections {}", s.tcp_connections());
+                for r in DropReason::ALL {
+                    if k.dropped(*r) > 0 {
+                        let _ = writeln!(
+                            body,
+                            "subnetstack_drops_total{{reason=\"{}\"}} {}",
+                            r.name(),
+                            k.dropped(*r)
+                        );
+                    }
+                }
+                let _ = write!(
+                    Vec8(&mut c.out),
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: {conn}\r\n\r\n{body}",
+                    body.len()
+                );
+            } else {
+                let _ = write!(
+                    Vec8(&mut c.out),
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 10\r\nConnection: {conn}\r\n\r\nnot found\n"
+                );
+            }
+        }
+
+        /// One round after the stack's poll: accept, read, answer, close. Returns whether
+        /// anything happened.
+        pub fn poll(&mut self, s: &mut Stack, now: Duration) -> bool {
+            if self.listeners.is_empty() {
+                for b in self.binds.iter().filter(|b| b.tcp()) {
+                    let ports: PortSpec = b.ports;
+                    match s.tcp_listen(b.prefix, ports, false, 4096) {
+                        Ok(l) => {
+                            println!("http (in loop) on {b}");
+                            self.listeners.push(l);
+                        }
+                        Err(e) => {
+                            eprintln!("{b}: {e}");
+                            std::process::exit(1);
+                        }
+                    }
+                }
+            }
+            let mut busy = false;
+            for (i, &l) in self.listeners.iter().enumerate() {
+                while let Some((h, local, _)) = s.tcp_accept(l) {
+                    busy = true;
+                    let _ = s.tcp_set_nodelay(h, true);
+                    self.conns.insert(
+                        h,
+                        Conn {
+                            binding: i,
+                            local: Some(local),
+                            ..Conn::default()
+                        },
+                    );
+                }
+            }
+            let mut conns = std::mem::take(&mut self.conns);
+            for (&h, c) in conns.iter_mut() {
+                // Read what arrived.
+                loop {
+                    match s.tcp_recv(now, h, &mut self.scratch) {
+                        Ok(0) => {
+                            c.eof = true;
+                            break;
+                        }
+                        Ok(n) => {
+                            busy = true;
+                            c.req.extend_from_slice(&self.scratch[..n]);
+                        }
+                        Err(IoError::WouldBlock | IoError::NotConnected) => break,
+                        Err(_) => {
+                            c.eof = true;
+                            c.out.clear();
+                            c.big = 0;
+                            break;
+                        }
+                    }
+                }
+                // Answer one request at a time.
+                if c.out.is_empty() && c.big == 0 {
+                    if let Some(end) = c.req.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = &c.req[..end];
+                        c.close_after = closes(head);
+                        let target = head.split(|&b| b == b' ').nth(1).unwrap_or(b"/").to_vec();
+                        c.req.drain(..end + 4);
+                        self.respond(c, s, &target);
+                    } else if c.req.len() > 64 * 1024 {
+                        c.eof = true;
+                    }
+                }
+                // Send what fits.
+                while c.sent < c.out.len() {
+                    match s.tcp_send(now, h, &c.out[c.sent..]) {
+                        Ok(n) => {
+                            busy = true;
+                            c.sent += n;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if c.sent == c.out.len() {
+                    while c.big > 0 {
+                        let k = c.big.min(self.chunk.len() as u64) as usize;
+                        match s.tcp_send(now, h, &self.chunk[..k]) {
+                            Ok(n) => {
+                                busy = true;
+                                c.big -= n as u64;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    if c.big == 0 && !c.out.is_empty() {
+                        c.out.clear();
+                        c.sent = 0;
+                        if c.close_after {
+                            c.eof = true;
+                        }
+                    }
+                }
+                if c.eof && c.out.is_empty() && c.big == 0 {
+                    // FIN right behind the response, as nginx does.
+                    s.tcp_close(now, h);
+                    self.done.push(h);
+                }
+            }
+            for h in self.done.drain(..) {
+                conns.remove(&h);
+            }
+            self.conns = conns;
+            busy
+        }
+    }
+
+    /// `write!` into a `Vec<u8>` without the io::Write error plumbing.
+    struct Vec8<'a>(&'a mut Vec<u8>);
+
+    impl std::fmt::Write for Vec8<'_> {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            self.0.extend_from_slice(s.as_bytes());
+            Ok(())
+        }
+    }
+}
+
 fn main() -> io::Result<()> {
     let args = Args::parse();
     common::init_logs();
@@ -195,6 +442,17 @@ fn main() -> io::Result<()> {
     if tcp.is_empty() {
         eprintln!("nothing to serve: give at least one TCP --bind");
         std::process::exit(2);
+    }
+    if args.in_loop {
+        let mut server = in_loop::Server::new(tcp, args.fixed_body.clone());
+        let _rt = args
+            .dev
+            .builder()
+            .in_loop(move |s, now| server.poll(s, now))
+            .start()?;
+        loop {
+            std::thread::park();
+        }
     }
     let rt = Arc::new(args.dev.start()?);
     let mut threads = Vec::new();

@@ -42,6 +42,23 @@ pub struct DeviceArgs {
     /// Write every frame to this pcap file.
     #[arg(long, value_name = "FILE")]
     pub pcap: Option<PathBuf>,
+    /// How the poll thread waits: `busy`, `blocking`, or `adaptive:MICROS` (spin that long
+    /// after the last work, then sleep; the default is `adaptive:50`).
+    #[arg(long, value_name = "MODE", value_parser = parse_poll)]
+    pub poll: Option<subnetstack::PollMode>,
+}
+
+fn parse_poll(s: &str) -> Result<subnetstack::PollMode, String> {
+    use subnetstack::PollMode;
+    match s {
+        "busy" => Ok(PollMode::Busy),
+        "blocking" => Ok(PollMode::Blocking),
+        _ => s
+            .strip_prefix("adaptive:")
+            .and_then(|us| us.parse().ok())
+            .map(|us| PollMode::Adaptive(std::time::Duration::from_micros(us)))
+            .ok_or_else(|| format!("{s}: expected busy, blocking or adaptive:MICROS")),
+    }
 }
 
 /// Which protocols a binding is for.
@@ -141,6 +158,11 @@ pub fn init_logs() {
 impl DeviceArgs {
     /// Starts a runtime on the TAP with these options.
     pub fn start(&self) -> std::io::Result<Runtime> {
+        self.builder().start()
+    }
+
+    /// A runtime builder with these options, for more settings before `start`.
+    pub fn builder(&self) -> subnetstack::Builder {
         let mut b = Runtime::builder().queues(self.queues);
         b = match (&self.tap, &self.xdp) {
             (_, Some(x)) => b.xdp(x),
@@ -159,7 +181,10 @@ impl DeviceArgs {
         if let Some(p) = &self.pcap {
             b = b.pcap(p);
         }
-        b.start()
+        if let Some(m) = self.poll {
+            b = b.poll_mode(m);
+        }
+        b
     }
 }
 
