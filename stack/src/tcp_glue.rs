@@ -1193,8 +1193,14 @@ impl Stack {
 
     /// Closes the application's side: FIN after the queued data; the connection finishes in the
     /// background and is freed when done. The handle is invalid afterwards.
+    ///
+    /// Closing with received data still unread resets the connection instead (RFC 1122
+    /// 4.2.2.13, RFC 2525 2.17, as Linux does): the peer learns that its data was not taken.
     pub fn tcp_close(&mut self, now: Duration, h: TcpHandle) {
         let Ok(s) = self.tcp_sock(h) else { return };
+        if s.conn.readable() > 0 {
+            return self.tcp_abort(now, h);
+        }
         s.app_closed = true;
         s.conn.close();
         self.tcp_after(now, h.0);

@@ -771,6 +771,7 @@ fn half_closed_we_still_receive_until_the_peer_closes() {
     assert_eq!(r.s.tcp_recv(r.now, h, &mut buf), Ok(4));
     assert_eq!(&buf[..4], b"late");
     let out = r.send(&seg(TcpControl::Fin, 1005, Some(iss1 + 1), &[]));
+    assert_eq!(out.len(), 1, "one ACK, for the FIN: {out:?}");
     assert_eq!(out[0].ack, Some(1006));
     assert_eq!(r.s.tcp_state(h), Some(TcpState::TimeWait));
     assert_eq!(r.s.tcp_recv(r.now, h, &mut buf), Ok(0), "EOF");
@@ -1703,4 +1704,18 @@ fn scans_get_what_linux_gives_them() {
         ));
         assert!(out.len() == 1 && out[0].rst && out[0].seq == 555, "{out:?}");
     }
+}
+
+#[test]
+fn closing_with_unread_data_resets() {
+    // RFC 1122 4.2.2.13 and RFC 2525 2.17, as Linux does (found with packetdrill).
+    let (mut r, iss1, h) = established();
+    r.send(&seg(TcpControl::Psh, 1001, Some(iss1), b"unread"));
+    r.s.tcp_close(r.now, h);
+    let out = r.out();
+    let rst: Vec<_> = out.iter().filter(|s| s.rst).collect();
+    assert_eq!(rst.len(), 1, "{out:?}");
+    assert_eq!((rst[0].seq, rst[0].ack), (iss1, Some(1007)));
+    assert!(out.iter().all(|s| !s.fin));
+    assert_eq!(r.s.tcp_connections(), 0);
 }

@@ -611,7 +611,7 @@ impl Conn {
         let n = self.recv.read(out);
         // Receiver-side silly window avoidance (RFC 1122 4.2.3.3): announce the opened window
         // once it grew by two segments or half the buffer, whichever is smaller.
-        let wnd = self.recv.window() as u32;
+        let wnd = (self.recv.window() as u32).min(65535 << self.rcv_shift);
         let step = (2 * u32::from(self.mss)).min(self.cfg.recv_buffer as u32 / 2);
         if n > 0 && wnd >= self.last_adv_wnd + step {
             self.ack_now = true;
@@ -696,8 +696,10 @@ impl Conn {
                 | State::FinWait2
                 | State::CloseWait
         ) {
+            // With ACK, as Linux and the BSDs send it (RFC 9293 allows either).
             out.push(SegOut {
                 seq: self.snd_max,
+                ack: Some(self.rcv_nxt),
                 rst: true,
                 ..Default::default()
             });
@@ -707,10 +709,11 @@ impl Conn {
     }
 
     fn window_field(&mut self) -> u16 {
-        let wnd = self.recv.window() as u32;
-        // Never shrink the right edge we advertised (RFC 9293 3.8.6.2.2).
+        // What the field can say: without window scaling at most 65535. Remember that, not
+        // the buffer's room, or a read would announce a window the peer already has.
+        let wnd = (self.recv.window() as u32).min(65535 << self.rcv_shift);
         self.last_adv_wnd = wnd;
-        (wnd >> self.rcv_shift).min(65535) as u16
+        (wnd >> self.rcv_shift) as u16
     }
 
     /// Our TSval clock at `now` with the offset `offset` (see
@@ -1401,7 +1404,11 @@ impl Conn {
                         seq: self.iss,
                         ack: syn_ack.then_some(self.rcv_nxt),
                         syn: true,
-                        window: (self.recv.window().min(65535)) as u16,
+                        window: {
+                            // A SYN's window is never scaled.
+                            self.last_adv_wnd = self.recv.window().min(65535) as u32;
+                            self.last_adv_wnd as u16
+                        },
                         mss: Some(self.local_mss),
                         // A SYN-ACK carries window scale only if the SYN did (RFC 7323 1.3).
                         wscale: (!syn_ack || self.ws_ok).then_some(self.rcv_shift),
@@ -1618,7 +1625,7 @@ impl Conn {
             seq,
             ack: Some(self.rcv_nxt),
             fin,
-            psh: off + len == self.send.len(),
+            psh: len > 0 && off + len == self.send.len(),
             window,
             ts: self.ts_option(now),
             sack: self.sack_blocks(),
