@@ -46,6 +46,8 @@ enum State {
     /// Past its reachable time but still used, as Linux's STALE/PROBE: frames keep going to
     /// the last known MAC while solicitations check it (queueing every frame behind a new
     /// resolution would stall a busy connection for a round trip, and overflow the queue).
+    /// Copies of what is sent meanwhile wait in `pending`: if the answer names another MAC,
+    /// they go again to it (the first copies went nowhere); if it confirms, they are dropped.
     Stale {
         mac: Mac,
         next_try: Duration,
@@ -161,9 +163,14 @@ impl NeighborCache {
                         next_try: now + retry,
                         tries: 1,
                     };
+                    Self::keep_copy(e, &frame, self.cfg.pending_bytes);
                     return Resolve::SendAndSolicit(mac, frame);
                 }
-                State::Stale { mac, .. } => return Resolve::Send(*mac, frame),
+                State::Stale { mac, .. } => {
+                    let mac = *mac;
+                    Self::keep_copy(e, &frame, self.cfg.pending_bytes);
+                    return Resolve::Send(mac, frame);
+                }
                 State::Incomplete { .. } => {}
             }
         }
@@ -194,6 +201,13 @@ impl NeighborCache {
         Resolve::Queued { solicit }
     }
 
+    /// Keeps a copy of a frame sent to a stale MAC, within the queue's budget.
+    fn keep_copy(e: &mut Entry, frame: &[u8], budget: usize) {
+        if e.pending.iter().map(Vec::len).sum::<usize>() + frame.len() <= budget {
+            e.pending.push_back(frame.to_vec());
+        }
+    }
+
     /// Records that `ip` is at `mac`. Creates an entry only if `create` (the message was addressed
     /// to us); otherwise refreshes an existing one. Returns frames that were waiting, addressed.
     pub fn learn(&mut self, ip: IpAddr, mac: Mac, now: Duration, create: bool) -> Vec<Vec<u8>> {
@@ -208,6 +222,10 @@ impl NeighborCache {
             src: ip,
             pending: VecDeque::new(),
         });
+        if matches!(e.state, State::Stale { mac: old, .. } if old == mac) {
+            // Confirmed: what was sent meanwhile arrived.
+            e.pending.clear();
+        }
         e.state = State::Reachable {
             mac,
             expires: now + self.cfg.reachable,
@@ -234,7 +252,7 @@ impl NeighborCache {
             } if *next_try <= now => {
                 if *t >= tries {
                     // The old address no longer answers: forget it (the next frame resolves
-                    // afresh).
+                    // afresh; the copies were sent once already).
                     false
                 } else {
                     *t += 1;
@@ -314,8 +332,8 @@ mod tests {
         assert!(
             matches!(c.resolve(ip(1), ip(9), vec![0; 20], later), Resolve::Send(m, _) if m == MAC)
         );
-        // ...an answer makes it reachable again...
-        c.learn(ip(1), MAC, later, false);
+        // ...an answer makes it reachable again (confirming: nothing to send again)...
+        assert!(c.learn(ip(1), MAC, later, false).is_empty());
         assert_eq!(c.get(ip(1), later + Duration::from_secs(29)), Some(MAC));
         // ...and silence to every check forgets it.
         let stale = later + Duration::from_secs(31);
@@ -329,6 +347,21 @@ mod tests {
         }
         assert_eq!(checks, 3, "three checks in all");
         assert_eq!(c.get(ip(1), stale + Duration::from_secs(10)), None);
+        // A stale MAC that turns out wrong: what was sent to it goes again to the right one.
+        let t2 = stale + Duration::from_secs(100);
+        c.learn(ip(2), [2, 0, 0, 0, 0, 1], t2, true);
+        let t3 = t2 + Duration::from_secs(31);
+        assert!(matches!(
+            c.resolve(ip(2), ip(9), vec![7; 20], t3),
+            Resolve::SendAndSolicit(..)
+        ));
+        assert!(matches!(
+            c.resolve(ip(2), ip(9), vec![8; 20], t3),
+            Resolve::Send(..)
+        ));
+        let again = c.learn(ip(2), MAC, t3, false);
+        assert_eq!(again.len(), 2, "both sent again");
+        assert!(again.iter().all(|f| f[..6] == MAC));
         assert!(matches!(
             c.resolve(ip(1), ip(9), vec![0; 20], stale + Duration::from_secs(10)),
             Resolve::Queued { solicit: true }

@@ -479,14 +479,12 @@ fn burst(seed: u64, imp: Impairment, n: usize) -> Result<(), String> {
             }
             if let Some(e) = sim.b.tcp_error(*h) {
                 return Err(format!(
-                    "connection {i} failed at {:?}: {e}: {:?}; server side: {:?}",
+                    "connection {i} failed at {:?}: {e}: {:?}; server: {} connections; client stack: {}; server stack: {}",
                     sim.now(),
                     sim.b.tcp_debug(*h),
-                    sim.a
-                        .tcp_debug_all()
-                        .iter()
-                        .filter(|l| l.contains(&format!("{}", 0)))
-                        .count()
+                    sim.a.tcp_connections(),
+                    sim.b.counters(),
+                    sim.a.counters(),
                 ));
             }
             let req = format!("request {i}\n");
