@@ -33,6 +33,11 @@ struct Args {
     /// `/big?bytes=N` and `/metrics` (the stack's counters).
     #[arg(long)]
     in_loop: bool,
+    /// With `--in-loop`: also bind this many random prefixes (/24 to /32 inside
+    /// 198.18.0.0/15, none touching 198.18.7.0/24) to port 80, listeners that never accept:
+    /// for measuring that the binding count does not slow connections down.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    extra_bindings: usize,
 }
 
 /// One parsed request: method, target, whether the connection stays open after it.
@@ -222,6 +227,7 @@ mod in_loop {
     /// Serves `binds` from inside the poll loop.
     pub struct Server {
         binds: Vec<BindSpec>,
+        extra: usize,
         listeners: Vec<TcpListenerHandle>,
         conns: HashMap<TcpHandle, Conn>,
         fixed: Option<String>,
@@ -248,9 +254,10 @@ mod in_loop {
     }
 
     impl Server {
-        pub fn new(binds: Vec<BindSpec>, fixed: Option<String>) -> Server {
+        pub fn new(binds: Vec<BindSpec>, fixed: Option<String>, extra: usize) -> Server {
             Server {
                 binds,
+                extra,
                 listeners: Vec::new(),
                 conns: HashMap::new(),
                 fixed,
@@ -314,6 +321,35 @@ mod in_loop {
             }
         }
 
+        /// The `--extra-bindings`: random prefixes on port 80 that never see a connection of
+        /// the benchmark (its target is 198.18.7.7).
+        fn bind_extra(&mut self, s: &mut Stack) {
+            let t0 = std::time::Instant::now();
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            let mut bound = 0;
+            while bound < self.extra {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let len = 24 + (x % 9) as u8;
+                let host = ((x >> 16) as u32) & 0x1_ffff;
+                let addr =
+                    std::net::Ipv4Addr::from((0xc612_0000 | host) & (u32::MAX << (32 - len)));
+                if u32::from(addr) >> 8 == 0xc6_12_07 {
+                    continue;
+                }
+                let net = ipnet::IpNet::V4(ipnet::Ipv4Net::new(addr, len).expect("length"));
+                if s.tcp_listen(net, PortSpec::exact(80).unwrap(), false, 16)
+                    .is_ok()
+                {
+                    bound += 1;
+                }
+            }
+            if bound > 0 {
+                println!("{bound} extra bindings in {:?}", t0.elapsed());
+            }
+        }
+
         /// One round after the stack's poll: accept, read, answer, close. Returns whether
         /// anything happened.
         pub fn poll(&mut self, s: &mut Stack, now: Duration) -> bool {
@@ -331,6 +367,7 @@ mod in_loop {
                         }
                     }
                 }
+                self.bind_extra(s);
             }
             let mut busy = false;
             for (i, &l) in self.listeners.iter().enumerate() {
@@ -444,7 +481,7 @@ fn main() -> io::Result<()> {
         std::process::exit(2);
     }
     if args.in_loop {
-        let mut server = in_loop::Server::new(tcp, args.fixed_body.clone());
+        let mut server = in_loop::Server::new(tcp, args.fixed_body.clone(), args.extra_bindings);
         let _rt = args
             .dev
             .builder()

@@ -209,6 +209,8 @@ pub(crate) struct Tcp {
     cfg: TcpConfig,
     cookies: CookieJar,
     listeners: Vec<Option<Listener>>,
+    /// Free slots of `listeners` (so that binding stays O(1) at a million listeners).
+    free_listeners: Vec<u32>,
     socks: Vec<Option<Sock>>,
     free: Vec<u32>,
     table: HashMap<(SocketAddr, SocketAddr), u32>,
@@ -230,6 +232,7 @@ impl Tcp {
             cfg,
             cookies: CookieJar::new(cookie_secret),
             listeners: Vec::new(),
+            free_listeners: Vec::new(),
             socks: Vec::new(),
             free: Vec::new(),
             table: HashMap::new(),
@@ -868,13 +871,15 @@ impl Stack {
     ) -> Result<TcpListenerHandle, BindError> {
         let idx = self
             .tcp
-            .listeners
-            .iter()
-            .position(Option::is_none)
-            .unwrap_or(self.tcp.listeners.len());
+            .free_listeners
+            .last()
+            .map_or(self.tcp.listeners.len(), |&i| i as usize);
         let mut b = Binding::new(Protocol::Tcp, prefix, ports, ListenerId(idx as u64));
         b.reuseport = reuseport;
         let binding = self.demux.bind(b)?;
+        if idx < self.tcp.listeners.len() {
+            self.tcp.free_listeners.pop();
+        }
         let lis = Listener {
             binding,
             prefix,
@@ -920,6 +925,7 @@ impl Stack {
             return;
         };
         let _ = self.demux.unbind(lis.binding);
+        self.tcp.free_listeners.push(l.0);
         // Its slot may serve another listener next: its connections stop counting for it.
         for s in self.tcp.socks.iter_mut().flatten() {
             if s.origin == Some(l.0) {
