@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Does the number of bindings matter? The connection-close rate (one TCP connection per request,
 # wrk -t1 -c64) of subnetstack's `http --in-loop` example over a TAP with 1 binding, and with
-# 1 + 1,000,000 bindings (random /24 to /32 prefixes of 198.18.0.0/15 on port 80, none
-# covering the target), RUNS interleaved runs each, medians. Also prints how long the million
+# 1 + 1,000,000 bindings (random IPv4 /24 to /32 prefixes on port 80, none
+# covering the target: bindings are table entries, no traffic goes to them), RUNS interleaved runs each, medians. Also prints how long the million
 # binds took and the server's resident memory.
 #
 # Needs root and wrk. Everything runs in namespaces this script creates, on 198.18.0.0/15 only;
@@ -41,9 +41,9 @@ serve() {
     ip netns exec "$ns" ip tuntap add mode tap name "$ns"
     ip -n "$ns" link set "$ns" up
     ip -n "$ns" addr add 198.19.255.1/24 dev "$ns"
-    ip -n "$ns" route add 198.18.0.0/15 via 198.19.255.2 dev "$ns"
-    ip netns exec "$ns" "$HTTP" --in-loop --tap "$ns" --prefix 198.18.0.0/15 \
-        --prefix 198.19.255.2/32 --gateway 198.19.255.1 --bind tcp:198.18.0.0/15:80 \
+    ip -n "$ns" route add 198.18.0.0/16 via 198.19.255.2 dev "$ns"
+    ip netns exec "$ns" "$HTTP" --in-loop --tap "$ns" --prefix 198.18.0.0/16 \
+        --prefix 198.19.255.2/32 --gateway 198.19.255.1 --bind tcp:198.18.0.0/16:80 \
         --fixed-body "hello" --extra-bindings "$extra" >"$TMP/$ns.log" 2>&1 &
     PIDS+=($!)
 }

@@ -33,8 +33,9 @@ struct Args {
     /// `/big?bytes=N` and `/metrics` (the stack's counters).
     #[arg(long)]
     in_loop: bool,
-    /// With `--in-loop`: also bind this many random prefixes (/24 to /32 inside
-    /// 198.18.0.0/15, none touching 198.18.7.0/24) to port 80, listeners that never accept:
+    /// With `--in-loop`: also bind this many random IPv4 prefixes (/24 to /32 anywhere, none
+    /// touching 198.18.7.0/24; bindings are table entries, not routes) to port 80, listeners
+    /// that never accept:
     /// for measuring that the binding count does not slow connections down.
     #[arg(long, value_name = "N", default_value_t = 0)]
     extra_bindings: usize,
@@ -332,9 +333,7 @@ mod in_loop {
                 x ^= x >> 7;
                 x ^= x << 17;
                 let len = 24 + (x % 9) as u8;
-                let host = ((x >> 16) as u32) & 0x1_ffff;
-                let addr =
-                    std::net::Ipv4Addr::from((0xc612_0000 | host) & (u32::MAX << (32 - len)));
+                let addr = std::net::Ipv4Addr::from((x >> 32) as u32 & (u32::MAX << (32 - len)));
                 if u32::from(addr) >> 8 == 0xc6_12_07 {
                     continue;
                 }
