@@ -234,7 +234,10 @@ mod in_loop {
         fixed: Option<String>,
         chunk: Vec<u8>,
         scratch: Vec<u8>,
-        done: Vec<TcpHandle>,
+        /// Connections to visit this round.
+        ready: Vec<TcpHandle>,
+        /// Connections accepted this round.
+        fresh: Vec<TcpHandle>,
     }
 
     /// Whether the request head asks to close after the response (HTTP/1.0 without
@@ -264,7 +267,8 @@ mod in_loop {
                 fixed,
                 chunk: (0..65536u32).map(|i| (i % 251) as u8).collect(),
                 scratch: vec![0; 64 * 1024],
-                done: Vec::new(),
+                ready: Vec::new(),
+                fresh: Vec::new(),
             }
         }
 
@@ -373,6 +377,7 @@ mod in_loop {
                 while let Some((h, local, _)) = s.tcp_accept(l) {
                     busy = true;
                     let _ = s.tcp_set_nodelay(h, true);
+                    self.fresh.push(h);
                     self.conns.insert(
                         h,
                         Conn {
@@ -383,8 +388,33 @@ mod in_loop {
                     );
                 }
             }
-            let mut conns = std::mem::take(&mut self.conns);
-            for (&h, c) in conns.iter_mut() {
+            // Only the connections just accepted or touched by the network since the last
+            // round (`tcp_ready`): the loop's cost follows the traffic, not the connection count.
+            s.tcp_ready(&mut self.ready);
+            self.ready.extend(self.fresh.drain(..));
+            let mut ready = std::mem::take(&mut self.ready);
+            for &h in &ready {
+                let Some(mut c) = self.conns.remove(&h) else {
+                    continue;
+                };
+                busy |= self.visit(s, now, h, &mut c);
+                if c.eof && c.out.is_empty() && c.big == 0 {
+                    // FIN right behind the response, as nginx does.
+                    s.tcp_close(now, h);
+                } else {
+                    self.conns.insert(h, c);
+                }
+            }
+            ready.clear();
+            self.ready = ready;
+            busy
+        }
+
+        /// Reads, answers and sends for one connection until it makes no more progress.
+        fn visit(&mut self, s: &mut Stack, now: Duration, h: TcpHandle, c: &mut Conn) -> bool {
+            let mut busy = false;
+            loop {
+                let mut progress = false;
                 // Read what arrived.
                 loop {
                     match s.tcp_recv(now, h, &mut self.scratch) {
@@ -393,7 +423,7 @@ mod in_loop {
                             break;
                         }
                         Ok(n) => {
-                            busy = true;
+                            progress = true;
                             c.req.extend_from_slice(&self.scratch[..n]);
                         }
                         Err(IoError::WouldBlock | IoError::NotConnected) => break,
@@ -401,7 +431,7 @@ mod in_loop {
                             c.eof = true;
                             c.out.clear();
                             c.big = 0;
-                            break;
+                            return busy;
                         }
                     }
                 }
@@ -413,6 +443,7 @@ mod in_loop {
                         let target = head.split(|&b| b == b' ').nth(1).unwrap_or(b"/").to_vec();
                         c.req.drain(..end + 4);
                         self.respond(c, s, &target);
+                        progress = true;
                     } else if c.req.len() > 64 * 1024 {
                         c.eof = true;
                     }
@@ -421,7 +452,7 @@ mod in_loop {
                 while c.sent < c.out.len() {
                     match s.tcp_send(now, h, &c.out[c.sent..]) {
                         Ok(n) => {
-                            busy = true;
+                            progress = true;
                             c.sent += n;
                         }
                         Err(_) => break,
@@ -432,7 +463,7 @@ mod in_loop {
                         let k = c.big.min(self.chunk.len() as u64) as usize;
                         match s.tcp_send(now, h, &self.chunk[..k]) {
                             Ok(n) => {
-                                busy = true;
+                                progress = true;
                                 c.big -= n as u64;
                             }
                             Err(_) => break,
@@ -446,17 +477,11 @@ mod in_loop {
                         }
                     }
                 }
-                if c.eof && c.out.is_empty() && c.big == 0 {
-                    // FIN right behind the response, as nginx does.
-                    s.tcp_close(now, h);
-                    self.done.push(h);
+                busy |= progress;
+                if !progress || c.eof {
+                    return busy;
                 }
             }
-            for h in self.done.drain(..) {
-                conns.remove(&h);
-            }
-            self.conns = conns;
-            busy
         }
     }
 

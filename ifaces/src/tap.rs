@@ -34,6 +34,12 @@ pub struct TapConfig {
     pub offload: bool,
     /// The stack's MAC on this link (the kernel side has its own).
     pub mac: Mac,
+    /// Frames the kernel may queue towards us (the interface's `txqueuelen`, default 65,536).
+    /// Linux's default for a TAP is 500: 10,000 busy connections (a request and an ACK each in
+    /// flight) overflowed even 10,000 while the poll thread reads one frame per system call,
+    /// and every overflow is a kernel retransmission a second later. `None` leaves the
+    /// kernel's setting.
+    pub tx_queue_len: Option<u32>,
 }
 
 impl TapConfig {
@@ -48,6 +54,7 @@ impl TapConfig {
             queues: 1,
             offload: false,
             mac: [0x02, 0x53, b[0], b[1], b[2], b[3]],
+            tx_queue_len: Some(65_536),
         }
     }
 }
@@ -117,6 +124,22 @@ pub fn interface_mtu(name: &str) -> io::Result<usize> {
     cvt(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFMTU, &mut r) })?;
     // SAFETY: the kernel filled the mtu member.
     Ok(unsafe { r.ifr_ifru.ifru_mtu } as usize)
+}
+
+/// Sets an interface's `txqueuelen` (`SIOCSIFTXQLEN`).
+fn set_tx_queue_len(name: &str, len: u32) -> io::Result<()> {
+    let mut r = ifreq(name)?;
+    r.ifr_ifru.ifru_metric = len as libc::c_int; // ifr_qlen shares the union with ifr_metric
+                                                 // SAFETY: plain socket(2); the fd is owned at once.
+    let s = unsafe {
+        OwnedFd::from_raw_fd(cvt(libc::socket(
+            libc::AF_INET,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            0,
+        ))?)
+    };
+    // SAFETY: SIOCSIFTXQLEN reads ifr_name and ifr_qlen of our ifreq.
+    cvt(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFTXQLEN, &mut r) }).map(|_| ())
 }
 
 impl Tap {
@@ -199,6 +222,11 @@ impl Tap {
             for t in &mut out {
                 t.info.mtu = mtu;
             }
+        }
+        if let Some(len) = cfg.tx_queue_len {
+            set_tx_queue_len(&name, len).map_err(|e| {
+                io::Error::new(e.kind(), format!("TAP {name}: txqueuelen {len}: {e}"))
+            })?;
         }
         Ok(out)
     }

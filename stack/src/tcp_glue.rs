@@ -182,6 +182,8 @@ struct Sock {
     in_time_wait: bool,
     /// Buffer bytes counted in `Tcp::buffer_bytes`.
     mem: usize,
+    /// Listed in `Tcp::ready`.
+    ready: bool,
 }
 
 impl Sock {
@@ -199,6 +201,7 @@ impl Sock {
             armed: None,
             in_time_wait: false,
             mem: 0,
+            ready: false,
         }
     }
 }
@@ -222,6 +225,10 @@ pub(crate) struct Tcp {
     half_open: usize,
     /// Buffer storage of all connections, bytes.
     buffer_bytes: usize,
+    /// Connections the network or a timer touched since `tcp_ready` was last called (kept
+    /// only once the application asked: otherwise it would grow with every connection).
+    ready: Vec<u32>,
+    track_ready: bool,
     out: Vec<SegOut>,
     fired: Vec<u32>,
 }
@@ -241,6 +248,8 @@ impl Tcp {
             time_wait: 0,
             half_open: 0,
             buffer_bytes: 0,
+            ready: Vec::new(),
+            track_ready: false,
             out: Vec::new(),
             fired: Vec::new(),
         }
@@ -485,6 +494,7 @@ impl Stack {
             if let Some(Some(s)) = self.tcp.socks.get_mut(idx as usize) {
                 s.armed = None;
                 s.conn.on_timer(now);
+                self.tcp_mark_ready(idx);
                 self.tcp_after(now, idx);
             }
         }
@@ -582,7 +592,20 @@ impl Stack {
             self.send_seg(now, local, remote, &r, None);
         }
         self.tcp.out = out;
+        self.tcp_mark_ready(idx);
         self.tcp_after(now, idx);
+    }
+
+    fn tcp_mark_ready(&mut self, idx: u32) {
+        if !self.tcp.track_ready {
+            return;
+        }
+        if let Some(Some(s)) = self.tcp.socks.get_mut(idx as usize) {
+            if !s.ready {
+                s.ready = true;
+                self.tcp.ready.push(idx);
+            }
+        }
     }
 
     /// A segment that matches no connection: a SYN for a listener, a cookie ACK, or a stray.
@@ -1053,6 +1076,7 @@ impl Stack {
             armed: None,
             in_time_wait: false,
             mem: 0,
+            ready: false,
         });
         self.tcp_after(now, idx);
         Ok(TcpHandle(idx))
@@ -1234,6 +1258,24 @@ impl Stack {
     pub fn tcp_set_listener_limit(&mut self, l: TcpListenerHandle, max: Option<usize>) {
         if let Some(Some(lis)) = self.tcp.listeners.get_mut(l.0 as usize) {
             lis.max_connections = max;
+        }
+    }
+
+    /// Appends to `out` the connections the network or a timer touched since the last call
+    /// (data or FIN arrived, data was acknowledged so there is room to send, the connection
+    /// was established, failed or ended): an event loop then visits only those, not all its
+    /// connections. Connections still in a listener's accept queue are left out (accept them
+    /// first; they may already hold data). Spurious entries are possible: read and write as
+    /// usual and take `WouldBlock` as "nothing".
+    pub fn tcp_ready(&mut self, out: &mut Vec<TcpHandle>) {
+        self.tcp.track_ready = true;
+        for idx in self.tcp.ready.drain(..) {
+            if let Some(Some(s)) = self.tcp.socks.get_mut(idx as usize) {
+                s.ready = false;
+                if s.listener.is_none() && !s.app_closed {
+                    out.push(TcpHandle(idx));
+                }
+            }
         }
     }
 

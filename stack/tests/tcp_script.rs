@@ -1719,3 +1719,32 @@ fn closing_with_unread_data_resets() {
     assert!(out.iter().all(|s| !s.fin));
     assert_eq!(r.s.tcp_connections(), 0);
 }
+
+#[test]
+fn tcp_ready_lists_the_connections_the_network_touched() {
+    let (mut r, iss1, h) = established();
+    let mut ready = Vec::new();
+    r.s.tcp_ready(&mut ready);
+    assert!(ready.is_empty(), "nothing tracked before the first call");
+    r.send(&seg(TcpControl::Psh, 1001, Some(iss1), b"data"));
+    r.s.tcp_ready(&mut ready);
+    assert_eq!(ready, vec![h], "data arrived");
+    ready.clear();
+    r.s.tcp_ready(&mut ready);
+    assert!(ready.is_empty(), "reported once");
+    // Our own calls are not events.
+    let mut buf = [0u8; 8];
+    r.s.tcp_recv(r.now, h, &mut buf).unwrap();
+    r.s.tcp_send(r.now, h, b"x").unwrap();
+    r.s.tcp_ready(&mut ready);
+    assert!(ready.is_empty());
+    // An ACK, and a timer (the retransmission of unacknowledged data), are.
+    r.out();
+    r.advance(Duration::from_secs(2));
+    r.s.tcp_ready(&mut ready);
+    assert_eq!(ready, vec![h], "timer");
+    ready.clear();
+    r.send(&seg(TcpControl::None, 1005, Some(iss1 + 1), &[]));
+    r.s.tcp_ready(&mut ready);
+    assert_eq!(ready, vec![h], "ACK");
+}
