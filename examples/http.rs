@@ -391,7 +391,7 @@ mod in_loop {
             // Only the connections just accepted or touched by the network since the last
             // round (`tcp_ready`): the loop's cost follows the traffic, not the connection count.
             s.tcp_ready(&mut self.ready);
-            self.ready.extend(self.fresh.drain(..));
+            self.ready.append(&mut self.fresh);
             let mut ready = std::mem::take(&mut self.ready);
             for &h in &ready {
                 let Some(mut c) = self.conns.remove(&h) else {
