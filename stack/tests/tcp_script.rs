@@ -1748,3 +1748,31 @@ fn tcp_ready_lists_the_connections_the_network_touched() {
     r.s.tcp_ready(&mut ready);
     assert_eq!(ready, vec![h], "ACK");
 }
+
+#[test]
+fn no_tail_loss_probe_between_backed_off_retransmission_timeouts() {
+    // Found with packetdrill: a probe went out between every two backed-off RTOs, doubling
+    // the retransmissions during an outage (RFC 8985 7.2: probes are for a connection not in
+    // loss recovery).
+    let (mut r, _, h) = established_with(sack_syn());
+    r.s.tcp_set_nodelay(h, true).unwrap();
+    r.s.tcp_send(r.now, h, &[1u8; 100]).unwrap();
+    assert_eq!(r.out().len(), 1);
+    // Nothing is acknowledged for 30 s: count what goes out, and when.
+    let mut sent = Vec::new();
+    for ms in 1..=30_000u64 {
+        for s in r.advance(Duration::from_millis(1)) {
+            if !s.payload.is_empty() {
+                sent.push(ms);
+            }
+        }
+    }
+    // One probe, then RTOs doubling: 1 + about log2(30 s / RTO) retransmissions, and the
+    // gaps after the first RTO grow.
+    assert!(sent.len() <= 8, "{sent:?}");
+    let gaps: Vec<u64> = sent.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps.windows(2).skip(1).all(|g| g[1] >= g[0]),
+        "backoff only: {sent:?}"
+    );
+}

@@ -1552,9 +1552,12 @@ impl Conn {
     /// first lost segment, else new data, else the last segment) turns a 200 ms timeout into a
     /// round trip.
     fn arm_probe(&mut self, now: Duration) {
+        // Not while backing off after a retransmission timeout (RFC 8985 7.2: a probe is for a
+        // connection not in loss recovery; Linux likewise): one retransmission per backoff.
         let eligible = self.sack_ok
             && matches!(self.state, State::Established | State::CloseWait)
             && !self.tlp_out
+            && self.retries == 0
             && !self.board.is_empty();
         let Some(srtt) = self.rtt.srtt().filter(|_| eligible) else {
             self.pto_at = None;
