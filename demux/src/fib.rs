@@ -8,7 +8,7 @@ use ipnet::IpNet;
 
 use crate::hash::{rendezvous, HashKey};
 use crate::trie::leaf_len;
-use crate::trie::{depth, leaf_group, prefetch, Key, Step, Trie, NONE};
+use crate::trie::{depth, leaf_group, Key, Trie, NONE};
 use crate::types::{BindingId, Flow, ListenerId, PortSpec, Protocol};
 
 const NIL: u32 = u32::MAX;
@@ -24,12 +24,35 @@ pub struct Member {
 
 /// The bindings that share one `(protocol, prefix, ports)` (a reuseport set, or a set of one), as a
 /// lookup found them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+///
+/// A handle: finding a group reads only the LPM structure; the group record is read when
+/// [`ports`](Self::ports), [`members`](Self::members) or [`pick`](Self::pick) is called.
+#[derive(Clone, Copy)]
 pub struct Group<'a> {
     dst: IpAddr,
     len: u8,
-    ports: PortSpec,
-    members: &'a [Member],
+    rec: &'a GroupRec,
+    pool: &'a [Member],
+}
+
+impl PartialEq for Group<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.prefix() == other.prefix()
+            && self.ports() == other.ports()
+            && self.members() == other.members()
+    }
+}
+
+impl Eq for Group<'_> {}
+
+impl std::fmt::Debug for Group<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Group")
+            .field("prefix", &self.prefix())
+            .field("ports", &self.ports())
+            .field("members", &self.members())
+            .finish()
+    }
 }
 
 impl<'a> Group<'a> {
@@ -41,29 +64,43 @@ impl<'a> Group<'a> {
     }
     /// The bound ports that matched.
     pub fn ports(&self) -> PortSpec {
-        self.ports
+        self.rec.ports
     }
     /// Members in bind order (never empty).
+    #[inline]
     pub fn members(&self) -> &'a [Member] {
-        self.members
+        let r = self.rec;
+        if r.len == 1 {
+            std::slice::from_ref(&r.one)
+        } else {
+            &self.pool[r.start as usize..r.start as usize + usize::from(r.len)]
+        }
     }
     /// The member a flow with this keyed hash goes to (see [`HashKey::flow_hash`]).
     #[inline]
     pub fn pick(&self, flow_hash: u64) -> &'a Member {
-        if self.members.len() == 1 {
-            return &self.members[0];
+        let members = self.members();
+        if members.len() == 1 {
+            return &members[0];
         }
-        &self.members[rendezvous(flow_hash, self.members.iter().map(|m| m.listener))]
+        &members[rendezvous(flow_hash, members.iter().map(|m| m.listener))]
     }
 }
 
-/// Where a group's members sit in the member pool, and its ports. 12 bytes.
+/// A group: its only member inline (a set of one, the common case, costs one memory access), or
+/// where its members sit in the member pool; and its ports. 32 bytes.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct GroupRec {
+    one: Member,
     start: u32,
     len: u16,
     ports: PortSpec,
 }
+
+const NO_MEMBER: Member = Member {
+    binding: BindingId(0),
+    listener: ListenerId(0),
+};
 
 /// Port index and tries of one (protocol, family).
 #[derive(Clone, Debug)]
@@ -81,6 +118,9 @@ pub(crate) struct PortTries<K> {
     /// Sum of the tries' footprints.
     footprint: usize,
 }
+
+/// Queries a batched walk keeps in flight together.
+const CHUNK: usize = 64;
 
 /// Below this many bytes of tries, batched lookups run the scalar path: the data mostly sits in
 /// cache and the lanes would only add work (measured on the 1k-100k benchmark tables).
@@ -253,16 +293,12 @@ impl<K: Key> PortTries<K> {
         best
     }
 
-    /// Batched [`lookup`](Self::lookup). Walks the exact-port tries with independent lanes in the
-    /// style of asynchronous memory access chaining: each visit to a lane does one step of its walk
-    /// and prefetches what the next step reads; a lane that finishes takes the next query at once,
-    /// so about `LANES` cache misses stay in flight. Range and any-port candidates are finished
-    /// after, with the scalar path.
-    pub(crate) fn lookup_batch(&self, keys: &[(K, u16)], out: &mut [u32], done: impl Fn(u32)) {
-        // Lanes in flight: IPv6 walks are deeper and gain from more (measured: 16 best for IPv4
-        // at 1M prefixes, 32 for IPv6).
-        const LANES: usize = 32;
-        let lanes_used = if K::BITS > 32 { 32 } else { 16 };
+    /// Batched [`lookup`](Self::lookup). Walks the exact-port tries level by level over chunks
+    /// of `CHUNK` queries (group prefetching): every visit computes and prefetches what the query
+    /// reads next, then moves on to the next query, so a chunk's cache misses of one level are all
+    /// in flight together and each is served by the time the next level comes back to it. Range
+    /// and any-port candidates are finished after, with the scalar path.
+    pub(crate) fn lookup_batch(&self, keys: &[(K, u16)], out: &mut [u32]) {
         let n = keys.len().min(out.len());
         if self.footprint < CACHE_RESIDENT {
             // Everything sits in cache: prefetching only adds work.
@@ -271,79 +307,8 @@ impl<K: Key> PortTries<K> {
             }
             return;
         }
-        #[derive(Clone, Copy)]
-        struct Lane {
-            q: usize,
-            trie: u32,
-            default: u32,
-            step: Option<Step>,
-        }
-        let mut next = 0;
-        let mut busy = 0;
-        let mut lanes = [Lane {
-            q: 0,
-            trie: NIL,
-            default: NONE,
-            step: None,
-        }; LANES];
-        // Hands the next query that has an exact-port trie to `lane`, answering the others.
-        let feed = |lane: &mut Lane, next: &mut usize, out: &mut [u32]| -> bool {
-            while *next < n {
-                let (k, port) = keys[*next];
-                let t = if port == 0 { NIL } else { self.exact(port) };
-                out[*next] = NONE;
-                *next += 1;
-                if t != NIL {
-                    self.tries[t as usize].prefetch_slot(k);
-                    *lane = Lane {
-                        q: *next - 1,
-                        trie: t,
-                        default: NONE,
-                        step: None,
-                    };
-                    return true;
-                }
-            }
-            false
-        };
-        for lane in lanes.iter_mut().take(lanes_used) {
-            if feed(lane, &mut next, out) {
-                busy += 1;
-            } else {
-                lane.trie = NIL;
-            }
-        }
-        while busy > 0 {
-            for lane in lanes.iter_mut().take(lanes_used) {
-                if lane.trie == NIL {
-                    continue;
-                }
-                let t = &self.tries[lane.trie as usize];
-                let k = keys[lane.q].0;
-                let step = match lane.step {
-                    None => {
-                        let (st, d) = t.step_start(k);
-                        lane.default = d;
-                        st
-                    }
-                    Some(Step::Node(i, off)) => t.step_node(k, i, off),
-                    Some(Step::Leaf(at)) => {
-                        let l = t.step_leaf(at);
-                        Step::Done(if l == NONE { lane.default } else { l })
-                    }
-                    Some(Step::Done(_)) => unreachable!("finished lanes are refed"),
-                };
-                if let Step::Done(l) = step {
-                    out[lane.q] = l;
-                    done(l);
-                    if !feed(lane, &mut next, out) {
-                        lane.trie = NIL;
-                        busy -= 1;
-                    }
-                } else {
-                    lane.step = Some(step);
-                }
-            }
+        for (k, o) in keys[..n].chunks(CHUNK).zip(out[..n].chunks_mut(CHUNK)) {
+            self.walk_chunk(k, o);
         }
         if !self.ranges.is_empty() || self.any != NIL {
             for (i, &(k, port)) in keys[..n].iter().enumerate() {
@@ -351,6 +316,63 @@ impl<K: Key> PortTries<K> {
                     out[i] = self.lookup_rest(k, port, out[i]);
                 }
             }
+        }
+    }
+
+    /// Exact-port walks of up to `CHUNK` queries, one trie level at a time.
+    #[inline]
+    fn walk_chunk(&self, keys: &[(K, u16)], out: &mut [u32]) {
+        debug_assert!(keys.len() <= CHUNK && out.len() == keys.len());
+        let mut trie = [0u32; CHUNK];
+        let mut default = [NONE; CHUNK];
+        let mut at = [0u32; CHUNK];
+        let mut off = [0u8; CHUNK];
+        // Queries still walking nodes, and those whose walk ended on a leaf (compacted without
+        // branches: every entry is written, the count advances by the outcome).
+        let mut walking = [0u8; CHUNK];
+        let mut leaf = [0u8; CHUNK];
+        let (mut nw, mut nl) = (0, 0);
+        for (i, (&(k, port), o)) in keys.iter().zip(out.iter_mut()).enumerate() {
+            *o = NONE;
+            let t = if port == 0 { NIL } else { self.exact(port) };
+            if t != NIL {
+                self.tries[t as usize].prefetch_root(k);
+                trie[i] = t;
+                walking[nw] = i as u8;
+                nw += 1;
+            }
+        }
+        let mut next = 0;
+        for j in 0..nw {
+            let i = usize::from(walking[j]);
+            let (d, o, child, x) = self.tries[trie[i] as usize].step_root(keys[i].0);
+            default[i] = d;
+            off[i] = o;
+            at[i] = x;
+            walking[next] = i as u8;
+            leaf[nl] = i as u8;
+            next += usize::from(child);
+            nl += usize::from(!child);
+        }
+        nw = next;
+        while nw > 0 {
+            next = 0;
+            for j in 0..nw {
+                let i = usize::from(walking[j]);
+                let (child, x) = self.tries[trie[i] as usize].step_node(keys[i].0, at[i], off[i]);
+                at[i] = x;
+                off[i] = Trie::<K>::next_off(off[i]);
+                walking[next] = i as u8;
+                leaf[nl] = i as u8;
+                next += usize::from(child);
+                nl += usize::from(!child);
+            }
+            nw = next;
+        }
+        for &i in &leaf[..nl] {
+            let i = usize::from(i);
+            let l = self.tries[trie[i] as usize].step_leaf(at[i]);
+            out[i] = if l == NONE { default[i] } else { l };
         }
     }
 
@@ -508,6 +530,7 @@ impl Fib {
             self.groups.resize(
                 g + 1,
                 GroupRec {
+                    one: NO_MEMBER,
                     start: 0,
                     len: 0,
                     ports,
@@ -516,10 +539,12 @@ impl Fib {
         }
         let old = self.groups[g];
         let n = members.len();
-        let start = if usize::from(old.len) == n {
+        // Sets of one live inline in the record; larger ones in the pool.
+        let (old_pooled, pooled) = (old.len > 1, n > 1);
+        let start = if old_pooled && pooled && usize::from(old.len) == n {
             old.start
         } else {
-            if old.len > 0 {
+            if old_pooled {
                 if self.free_members.is_empty() {
                     self.free_members.resize(65, Vec::new());
                 }
@@ -527,31 +552,38 @@ impl Fib {
                     list.push(old.start);
                 }
             }
-            match self.free_members.get_mut(n).and_then(Vec::pop) {
-                Some(at) => at,
-                None => {
-                    self.members.extend_from_slice(members);
-                    (self.members.len() - n) as u32
+            if pooled {
+                match self.free_members.get_mut(n).and_then(Vec::pop) {
+                    Some(at) => at,
+                    None => {
+                        self.members.extend_from_slice(members);
+                        (self.members.len() - n) as u32
+                    }
                 }
+            } else {
+                0
             }
         };
-        self.members[start as usize..start as usize + n].copy_from_slice(members);
+        if pooled {
+            self.members[start as usize..start as usize + n].copy_from_slice(members);
+        }
         self.groups[g] = GroupRec {
+            one: if n == 1 { members[0] } else { NO_MEMBER },
             start,
             len: n as u16,
             ports,
         };
     }
 
-    /// The group a leaf points to (`leaf != NONE`); `dst` gives the matched prefix.
+    /// The group a leaf points to (`leaf != NONE`); `dst` gives the matched prefix. Reads no
+    /// group record.
     #[inline]
     pub(crate) fn group(&self, leaf: u32, dst: IpAddr) -> Group<'_> {
-        let r = self.groups[leaf_group(leaf) as usize];
         Group {
             dst,
             len: leaf_len(leaf),
-            ports: r.ports,
-            members: &self.members[r.start as usize..r.start as usize + usize::from(r.len)],
+            rec: &self.groups[leaf_group(leaf) as usize],
+            pool: &self.members,
         }
     }
 
@@ -567,23 +599,14 @@ impl Fib {
         (l != NONE).then(|| self.group(l, dst.into()))
     }
 
-    /// Batched lookup; prefetches each group record as soon as its walk ends.
+    /// Batched lookup.
     pub(crate) fn lookup_batch_v4(&self, p: Protocol, q: &[(u32, u16)], out: &mut [u32]) {
-        self.v4[pi(p)].lookup_batch(q, out, |l| self.prefetch_group(l));
+        self.v4[pi(p)].lookup_batch(q, out);
     }
 
-    /// Batched lookup; prefetches each group record as soon as its walk ends.
+    /// Batched lookup.
     pub(crate) fn lookup_batch_v6(&self, p: Protocol, q: &[(u128, u16)], out: &mut [u32]) {
-        self.v6[pi(p)].lookup_batch(q, out, |l| self.prefetch_group(l));
-    }
-
-    /// Starts loading the group record a finished walk points to, so that resolving it later
-    /// does not stall.
-    #[inline(always)]
-    fn prefetch_group(&self, l: u32) {
-        if l != NONE {
-            prefetch(self.groups.as_ptr().wrapping_add(leaf_group(l) as usize));
-        }
+        self.v6[pi(p)].lookup_batch(q, out);
     }
 
     pub(crate) fn candidates(&self, p: Protocol, flow: &Flow) -> Vec<(PortSpec, u32)> {
@@ -685,7 +708,7 @@ mod tests {
             q.push((key, [80u16, 80, 80, 85, 0, 443][i % 6]));
         }
         let mut out = vec![0; q.len()];
-        t.lookup_batch(&q, &mut out, |_| {});
+        t.lookup_batch(&q, &mut out);
         for (i, &(k, port)) in q.iter().enumerate() {
             assert_eq!(out[i], t.lookup(k, port), "{k:#x}:{port}");
         }

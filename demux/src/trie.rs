@@ -1,9 +1,10 @@
 //! The data-path longest-prefix-match structure: a poptrie-style multibit trie.
 //!
 //! Layout (after Asai & Ohara, "Poptrie", SIGCOMM 2015, algorithm only):
-//! - a direct-pointing array indexed by the top `dp_bits` of the address; each entry holds the best
-//!   prefix of length <= `dp_bits` covering it (`default`) and, when longer prefixes exist under it,
-//!   the root of a subtree;
+//! - a direct-pointing array indexed by the top `dp_bits` of the address; each entry (32 bytes)
+//!   holds the best prefix of length <= `dp_bits` covering it (`default`) and, inline, the root
+//!   node of its subtree (empty when no longer prefix exists under it), so that the first memory
+//!   access of a walk reads both;
 //! - subtree nodes branch 64 ways (6 bits a level, fewer on the last). A node is 24 bytes: `vector`
 //!   marks the positions that lead to child nodes, `leafvec` marks where a run of equal leaves starts;
 //!   children and leaves sit in contiguous blocks found with `base + popcount`.
@@ -17,7 +18,6 @@
 
 /// Leaf meaning "nothing matched at this level".
 pub(crate) const NONE: u32 = 0;
-const NIL: u32 = u32::MAX;
 
 /// Encodes a group index and prefix length as a leaf.
 #[inline]
@@ -78,11 +78,28 @@ struct Node {
     base1: u32,
 }
 
+/// A direct-pointing slot: the root node of the slot's subtree, stored inline so that a walk's
+/// first memory access reads it, and the best prefix of length <= `dp_bits` covering the slot.
+/// 32 bytes, cache-line aligned in groups of two. An empty root has `vector == 0` and
+/// `leafvec == 0` (every position falls back to `default`).
 #[derive(Clone, Copy, Debug)]
-struct Dp {
-    node: u32,
+#[repr(C, align(32))]
+struct Root {
+    node: Node,
     default: u32,
 }
+
+/// Root index tag: node indices with this bit set name `roots[idx & !ROOT]`.
+const ROOT: u32 = 1 << 31;
+
+/// The node of an empty root: no children, no leaves (`base0` 1 so that the leaf index a lookup
+/// computes, `base0 + 0 - 1`, is the reserved `NONE` leaf 0).
+const EMPTY: Node = Node {
+    vector: 0,
+    leafvec: 0,
+    base0: 1,
+    base1: 0,
+};
 
 /// Number of set bits of `v` at positions `0..=pos`.
 #[inline(always)]
@@ -113,8 +130,9 @@ pub(crate) fn prefetch<T>(p: *const T) {
 #[derive(Clone, Debug)]
 pub(crate) struct Trie<K> {
     dp_bits: u8,
-    dp: Vec<Dp>,
+    roots: Vec<Root>,
     nodes: Vec<Node>,
+    /// Leaf runs; index 0 is a permanent `NONE` that empty roots point at.
     leaves: Vec<u32>,
     free_nodes: Vec<Vec<u32>>,
     free_leaves: Vec<Vec<u32>>,
@@ -122,31 +140,20 @@ pub(crate) struct Trie<K> {
     _k: std::marker::PhantomData<K>,
 }
 
-/// Where a batched walk stands after one step; every step prefetches what the next one reads.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Step {
-    /// The walk ended with this leaf.
-    Done(u32),
-    /// Read node `.0` at bit offset `.1` next.
-    Node(u32, u8),
-    /// Read the leaf at index `.0` of the leaf array next.
-    Leaf(u32),
-}
-
 impl<K: Key> Trie<K> {
     pub(crate) fn new(dp_bits: u8) -> Self {
         assert!(dp_bits <= 16 && dp_bits < K::BITS);
         Trie {
             dp_bits,
-            dp: vec![
-                Dp {
-                    node: NIL,
+            roots: vec![
+                Root {
+                    node: EMPTY,
                     default: NONE
                 };
                 1 << dp_bits
             ],
             nodes: Vec::new(),
-            leaves: Vec::new(),
+            leaves: vec![NONE],
             free_nodes: Vec::new(),
             free_leaves: Vec::new(),
             prefixes: 0,
@@ -161,7 +168,7 @@ impl<K: Key> Trie<K> {
 
     /// Bytes of heap the structure holds (capacity, including recycled blocks).
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.dp.capacity() * std::mem::size_of::<Dp>()
+        self.roots.capacity() * std::mem::size_of::<Root>()
             + self.nodes.capacity() * std::mem::size_of::<Node>()
             + self.leaves.capacity() * 4
             + self
@@ -184,7 +191,7 @@ impl<K: Key> Trie<K> {
     /// Bytes a lookup may touch (direct-pointing array, nodes, leaves): decides whether batching
     /// with prefetches pays off.
     pub(crate) fn footprint(&self) -> usize {
-        self.dp.len() * std::mem::size_of::<Dp>()
+        self.roots.len() * std::mem::size_of::<Root>()
             + self.nodes.len() * std::mem::size_of::<Node>()
             + self.leaves.len() * 4
     }
@@ -192,58 +199,75 @@ impl<K: Key> Trie<K> {
     /// Longest match for `key`: a leaf (`NONE` if no prefix covers it).
     #[inline]
     pub(crate) fn lookup(&self, key: K) -> u32 {
-        let e = self.dp[self.slot(key)];
-        if e.node == NIL {
-            return e.default;
-        }
-        let mut idx = e.node as usize;
+        let r = &self.roots[self.slot(key)];
+        let mut n = &r.node;
         let mut off = self.dp_bits;
         loop {
-            let n = self.nodes[idx];
             let s = stride::<K>(off);
             let v = key.bits(off, s);
             if n.vector >> v & 1 != 0 {
-                idx = n.base1 as usize + rank(n.vector, v) - 1;
+                n = &self.nodes[n.base1 as usize + rank(n.vector, v) - 1];
                 off += s;
                 continue;
             }
             let l = self.leaves[n.base0 as usize + rank(n.leafvec, v) - 1];
-            return if l == NONE { e.default } else { l };
+            return if l == NONE { r.default } else { l };
         }
     }
 
-    /// Prefetches the direct-pointing entry for `key`: the first memory access of a walk.
+    /// Prefetches the root for `key`: the first memory access of a walk.
     #[inline(always)]
-    pub(crate) fn prefetch_slot(&self, key: K) {
-        prefetch(self.dp.as_ptr().wrapping_add(self.slot(key)));
+    pub(crate) fn prefetch_root(&self, key: K) {
+        prefetch(self.roots.as_ptr().wrapping_add(self.slot(key)));
     }
 
-    /// First step of a batched walk: reads the direct-pointing entry. Returns the step and the
-    /// default leaf that a `NONE` leaf below stands for.
+    /// One node of a walk at bit offset `off`: `(true, child index)` or `(false, leaf index)`;
+    /// prefetches what the next step reads.
     #[inline(always)]
-    pub(crate) fn step_start(&self, key: K) -> (Step, u32) {
-        let e = self.dp[self.slot(key)];
-        if e.node == NIL {
-            return (Step::Done(e.default), e.default);
-        }
-        prefetch(self.nodes.as_ptr().wrapping_add(e.node as usize));
-        (Step::Node(e.node, self.dp_bits), e.default)
-    }
-
-    /// Reads one node of a batched walk.
-    #[inline(always)]
-    pub(crate) fn step_node(&self, key: K, idx: u32, off: u8) -> Step {
-        let n = self.nodes[idx as usize];
-        let s = stride::<K>(off);
-        let v = key.bits(off, s);
-        if n.vector >> v & 1 != 0 {
-            let c = n.base1 + rank(n.vector, v) as u32 - 1;
+    fn visit(&self, n: &Node, key: K, off: u8) -> (bool, u32) {
+        let v = key.bits(off, stride::<K>(off));
+        let child = n.vector >> v & 1 != 0;
+        let c = n
+            .base1
+            .wrapping_add(rank(n.vector, v) as u32)
+            .wrapping_sub(1);
+        let l = n
+            .base0
+            .wrapping_add(rank(n.leafvec, v) as u32)
+            .wrapping_sub(1);
+        if child {
             prefetch(self.nodes.as_ptr().wrapping_add(c as usize));
-            return Step::Node(c, off + s);
+            (true, c)
+        } else {
+            prefetch(self.leaves.as_ptr().wrapping_add(l as usize));
+            (false, l)
         }
-        let at = n.base0 + rank(n.leafvec, v) as u32 - 1;
-        prefetch(self.leaves.as_ptr().wrapping_add(at as usize));
-        Step::Leaf(at)
+    }
+
+    /// First step of a batched walk: reads the root. Returns the default leaf that a `NONE` leaf
+    /// below stands for, the bit offset of the next level and the step's outcome (see `visit`).
+    #[inline(always)]
+    pub(crate) fn step_root(&self, key: K) -> (u32, u8, bool, u32) {
+        let r = &self.roots[self.slot(key)];
+        let (child, i) = self.visit(&r.node, key, self.dp_bits);
+        (
+            r.default,
+            self.dp_bits + stride::<K>(self.dp_bits),
+            child,
+            i,
+        )
+    }
+
+    /// A later step of a batched walk: reads node `idx` at bit offset `off`.
+    #[inline(always)]
+    pub(crate) fn step_node(&self, key: K, idx: u32, off: u8) -> (bool, u32) {
+        self.visit(&self.nodes[idx as usize], key, off)
+    }
+
+    /// Bit offset of the level below one at `off`.
+    #[inline(always)]
+    pub(crate) fn next_off(off: u8) -> u8 {
+        off + stride::<K>(off)
     }
 
     /// Reads the leaf a batched walk ended on.
@@ -253,6 +277,25 @@ impl<K: Key> Trie<K> {
     }
 
     // ---- updates -------------------------------------------------------------------------
+
+    /// A node by index: `ROOT`-tagged indices name roots.
+    #[inline]
+    fn node(&self, idx: u32) -> &Node {
+        if idx & ROOT != 0 {
+            &self.roots[(idx & !ROOT) as usize].node
+        } else {
+            &self.nodes[idx as usize]
+        }
+    }
+
+    #[inline]
+    fn node_mut(&mut self, idx: u32) -> &mut Node {
+        if idx & ROOT != 0 {
+            &mut self.roots[(idx & !ROOT) as usize].node
+        } else {
+            &mut self.nodes[idx as usize]
+        }
+    }
 
     fn free_block(lists: &mut Vec<Vec<u32>>, size: usize, at: u32) {
         if lists.is_empty() {
@@ -281,8 +324,11 @@ impl<K: Key> Trie<K> {
 
     /// The leaf values of every position of a node (`NONE` where a child sits).
     fn unpack(&self, idx: u32, s: u8) -> [u32; 64] {
-        let n = self.nodes[idx as usize];
+        let n = *self.node(idx);
         let mut out = [NONE; 64];
+        if n.leafvec == 0 {
+            return out;
+        }
         let mut li = n.base0 as usize;
         let mut first = true;
         for (p, slot) in out.iter_mut().enumerate().take(1 << s) {
@@ -302,7 +348,7 @@ impl<K: Key> Trie<K> {
 
     /// Re-encodes a node's leaves from `vals`, moving its leaf block if the run count changed.
     fn pack(&mut self, idx: u32, s: u8, vals: &[u32; 64]) {
-        let n = self.nodes[idx as usize];
+        let n = *self.node(idx);
         let mut leafvec = 0u64;
         let mut runs = [NONE; 64];
         let mut count = 0;
@@ -318,6 +364,12 @@ impl<K: Key> Trie<K> {
                 prev = Some(v);
             }
         }
+        // A root that holds nothing keeps no leaf block: it reads as its default.
+        let empty_root = idx & ROOT != 0 && n.vector == 0 && count == 1 && runs[0] == NONE;
+        if empty_root {
+            leafvec = 0;
+            count = 0;
+        }
         let old = n.leafvec.count_ones() as usize;
         let base0 = if old == count {
             n.base0
@@ -331,8 +383,9 @@ impl<K: Key> Trie<K> {
                 0
             }
         };
+        let base0 = if empty_root { EMPTY.base0 } else { base0 };
         self.leaves[base0 as usize..base0 as usize + count].copy_from_slice(&runs[..count]);
-        let node = &mut self.nodes[idx as usize];
+        let node = self.node_mut(idx);
         node.leafvec = leafvec;
         node.base0 = base0;
     }
@@ -352,7 +405,7 @@ impl<K: Key> Trie<K> {
     /// Turns leaf position `p` of node `idx` into a child whose positions all hold `fill`.
     fn add_child(&mut self, idx: u32, s: u8, p: usize, fill: u32) -> u32 {
         let vals = self.unpack(idx, s);
-        let n = self.nodes[idx as usize];
+        let n = *self.node(idx);
         let old = n.vector.count_ones() as usize;
         let child = self.new_leaf_node(fill);
         let at = rank(n.vector, p); // children before position p
@@ -365,7 +418,7 @@ impl<K: Key> Trie<K> {
         if old > 0 {
             Self::free_block(&mut self.free_nodes, old, n.base1);
         }
-        let node = &mut self.nodes[idx as usize];
+        let node = self.node_mut(idx);
         node.vector |= 1 << p;
         node.base1 = base1;
         self.pack(idx, s, &vals);
@@ -375,7 +428,7 @@ impl<K: Key> Trie<K> {
     /// If child at position `p` of `idx` holds one value everywhere and has no children, folds it back
     /// into a leaf of `idx`.
     fn try_collapse(&mut self, idx: u32, s: u8, p: usize) {
-        let n = self.nodes[idx as usize];
+        let n = *self.node(idx);
         let at = rank(n.vector, p) - 1;
         let c = self.nodes[n.base1 as usize + at];
         if c.vector != 0 || c.leafvec.count_ones() != 1 {
@@ -399,7 +452,7 @@ impl<K: Key> Trie<K> {
             b
         };
         Self::free_block(&mut self.free_nodes, old, n.base1);
-        let node = &mut self.nodes[idx as usize];
+        let node = self.node_mut(idx);
         node.vector &= !(1 << p);
         node.base1 = base1;
         self.pack(idx, s, &vals);
@@ -409,7 +462,7 @@ impl<K: Key> Trie<K> {
     fn rewrite_subtree(&mut self, idx: u32, off: u8, f: &impl Fn(u32) -> u32) {
         let s = stride::<K>(off);
         let mut vals = self.unpack(idx, s);
-        let n = self.nodes[idx as usize];
+        let n = *self.node(idx);
         for (p, v) in vals.iter_mut().enumerate().take(1 << s) {
             if n.vector >> p & 1 == 0 {
                 *v = f(*v);
@@ -417,7 +470,7 @@ impl<K: Key> Trie<K> {
         }
         self.pack(idx, s, &vals);
         for i in 0..n.vector.count_ones() {
-            let n = self.nodes[idx as usize];
+            let n = *self.node(idx);
             self.rewrite_subtree(n.base1 + i, off + s, f);
         }
     }
@@ -425,14 +478,7 @@ impl<K: Key> Trie<K> {
     /// Applies `f` to the leaves covered by the prefix (`key` masked to `len`, `len > dp_bits`),
     /// creating the path down to its level. Returns the path for later collapsing.
     fn rewrite_prefix(&mut self, key: K, len: u8, f: impl Fn(u32) -> u32) -> Vec<(u32, u8, usize)> {
-        let slot = self.slot(key);
-        if self.dp[slot].node == NIL {
-            let root = self.new_leaf_node(NONE);
-            let i = self.alloc_nodes(1);
-            self.nodes[i as usize] = root;
-            self.dp[slot].node = i;
-        }
-        let mut idx = self.dp[slot].node;
+        let mut idx = ROOT | self.slot(key) as u32;
         let mut off = self.dp_bits;
         let mut path = Vec::new();
         loop {
@@ -441,7 +487,7 @@ impl<K: Key> Trie<K> {
             if len <= off + s {
                 let span = 1usize << (off + s - len);
                 let mut vals = self.unpack(idx, s);
-                let n = self.nodes[idx as usize];
+                let n = *self.node(idx);
                 for (q, v) in vals.iter_mut().enumerate().skip(p).take(span) {
                     if n.vector >> q & 1 == 0 {
                         *v = f(*v);
@@ -449,7 +495,7 @@ impl<K: Key> Trie<K> {
                 }
                 self.pack(idx, s, &vals);
                 for q in p..p + span {
-                    let n = self.nodes[idx as usize];
+                    let n = *self.node(idx);
                     if n.vector >> q & 1 != 0 {
                         let c = n.base1 + rank(n.vector, q) as u32 - 1;
                         self.rewrite_subtree(c, off + s, &f);
@@ -458,7 +504,7 @@ impl<K: Key> Trie<K> {
                 path.push((idx, s, usize::MAX));
                 return path;
             }
-            let n = self.nodes[idx as usize];
+            let n = *self.node(idx);
             path.push((idx, s, p));
             idx = if n.vector >> p & 1 != 0 {
                 n.base1 + rank(n.vector, p) as u32 - 1
@@ -487,7 +533,7 @@ impl<K: Key> Trie<K> {
         short.sort_by_key(|e| e.1);
         for (k, len, l) in short {
             for i in t.slots(k, len) {
-                t.dp[i].default = l;
+                t.roots[i].default = l;
             }
         }
         entries.sort_unstable_by_key(|e| (e.0, e.1));
@@ -499,9 +545,7 @@ impl<K: Key> Trie<K> {
                 .iter()
                 .position(|e| t.slot(e.0) != slot)
                 .unwrap_or(rest.len());
-            let root = t.alloc_nodes(1);
-            t.dp[slot].node = root;
-            t.build_node(root, &rest[..end], dp_bits, NONE);
+            t.build_node(ROOT | slot as u32, &rest[..end], dp_bits, NONE);
             rest = &rest[end..];
         }
         t.nodes.shrink_to_fit();
@@ -526,14 +570,14 @@ impl<K: Key> Trie<K> {
         for e in entries.iter().filter(|e| e.1 > off + s) {
             vector |= 1 << e.0.bits(off, s);
         }
-        self.nodes[idx as usize].vector = vector;
+        self.node_mut(idx).vector = vector;
         self.pack(idx, s, &vals);
         let children = vector.count_ones() as usize;
         if children == 0 {
             return;
         }
         let base1 = self.alloc_nodes(children);
-        self.nodes[idx as usize].base1 = base1;
+        self.node_mut(idx).base1 = base1;
         let mut i = 0;
         let mut rest = entries;
         while !rest.is_empty() {
@@ -562,7 +606,7 @@ impl<K: Key> Trie<K> {
         let better = move |cur: u32| if depth(cur) < i32::from(len) { l } else { cur };
         if len <= self.dp_bits {
             for i in self.slots(key, len) {
-                self.dp[i].default = better(self.dp[i].default);
+                self.roots[i].default = better(self.roots[i].default);
             }
             return;
         }
@@ -575,8 +619,8 @@ impl<K: Key> Trie<K> {
         self.prefixes -= 1;
         if len <= self.dp_bits {
             for i in self.slots(key, len) {
-                if self.dp[i].default == l {
-                    self.dp[i].default = parent;
+                if self.roots[i].default == l {
+                    self.roots[i].default = parent;
                 }
             }
             return;
@@ -592,14 +636,6 @@ impl<K: Key> Trie<K> {
         for w in path.windows(2).rev() {
             let (parent_idx, s, p) = w[0];
             self.try_collapse(parent_idx, s, p);
-        }
-        let slot = self.slot(key);
-        let root = self.dp[slot].node;
-        let r = self.nodes[root as usize];
-        if r.vector == 0 && r.leafvec.count_ones() == 1 && self.leaves[r.base0 as usize] == NONE {
-            Self::free_block(&mut self.free_leaves, 1, r.base0);
-            Self::free_block(&mut self.free_nodes, 1, root);
-            self.dp[slot].node = NIL;
         }
     }
 }
@@ -674,7 +710,10 @@ mod tests {
                     assert_eq!(t.lookup(key), naive(&set, key));
                 }
             }
-            assert!(t.dp.iter().all(|e| e.node == NIL && e.default == NONE));
+            assert!(t.roots.iter().all(|r| r.node.vector == 0
+                && r.node.leafvec == 0
+                && r.node.base0 == EMPTY.base0
+                && r.default == NONE));
             assert_eq!(t.len(), 0);
         }
     }
