@@ -67,9 +67,10 @@ pub struct XdpConfig {
     pub mode: XdpMode,
     /// Zero-copy policy.
     pub zero_copy: ZeroCopy,
-    /// UMEM frames per socket (4 KiB each; half receive, half transmit). Default 4096 (16 MiB).
+    /// UMEM frames per socket (4 KiB each; up to a ring's worth receive, the rest transmit).
+    /// Default 4096 (16 MiB); kept between twice the ring size and 2^20.
     pub frames: u32,
-    /// Entries per ring (power of two). Default 2048.
+    /// Entries per ring, rounded up to a power of two (at most 65,536). Default 2048.
     pub ring: u32,
     /// Capacity of each prefix map. Default 65,536.
     pub max_prefixes: u32,
@@ -377,9 +378,11 @@ impl Xdp {
         for p in &cfg.prefixes {
             program.add_prefix(p)?;
         }
+        // Rings are powers of two (rounded up, at most 2^16), and there are frames for both.
+        let ring = cfg.ring.clamp(1, 1 << 16).next_power_of_two();
         let sizes = XskSizes {
-            frames: cfg.frames.max(2 * cfg.ring),
-            ring: cfg.ring.next_power_of_two(),
+            frames: cfg.frames.clamp(2 * ring, 1 << 20),
+            ring,
         };
         let mut queues = Vec::new();
         for q in 0..cfg.queues.max(1) {
