@@ -417,7 +417,7 @@ impl Stack {
         {
             s.accepted = true;
             s.active = true;
-            self.tcp.half_open -= 1;
+            self.tcp.half_open = self.tcp.half_open.saturating_sub(1);
             if let Some(Some(lis)) = self.tcp.listeners.get_mut(l as usize) {
                 lis.pending = lis.pending.saturating_sub(1);
                 lis.stats.accepted += 1;
@@ -427,7 +427,7 @@ impl Stack {
         }
         let s = self.tcp.socks[idx as usize].as_mut().expect("present");
         let mem = s.conn.buffer_bytes();
-        self.tcp.buffer_bytes = self.tcp.buffer_bytes + mem - s.mem;
+        self.tcp.buffer_bytes = (self.tcp.buffer_bytes + mem).saturating_sub(s.mem);
         s.mem = mem;
         // TIME-WAIT is bounded: past the limit a connection closes at once (RFC 6191 would
         // allow reuse with timestamps; skipping is what Linux does at tcp_max_tw_buckets).
@@ -466,14 +466,14 @@ impl Stack {
             }
             let orphan = s.listener.is_some() && !s.accepted;
             if orphan {
-                self.tcp.half_open -= 1;
+                self.tcp.half_open = self.tcp.half_open.saturating_sub(1);
                 let l = s.listener.expect("passive");
                 if let Some(Some(lis)) = self.tcp.listeners.get_mut(l as usize) {
                     lis.pending = lis.pending.saturating_sub(1);
                 }
             }
             if orphan || s.app_closed {
-                self.tcp.buffer_bytes -= s.mem;
+                self.tcp.buffer_bytes = self.tcp.buffer_bytes.saturating_sub(s.mem);
                 self.tcp.socks[idx as usize] = None;
                 self.tcp.free.push(idx);
             }
@@ -1002,7 +1002,7 @@ impl Stack {
             }
             s.app_closed = true;
             if !s.accepted {
-                self.tcp.half_open -= 1;
+                self.tcp.half_open = self.tcp.half_open.saturating_sub(1);
             }
             s.listener = None;
             let mut out = std::mem::take(&mut self.tcp.out);
