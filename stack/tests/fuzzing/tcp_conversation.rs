@@ -95,6 +95,10 @@ fn accept(
         let side = sides.entry(remote.port()).or_default();
         side.handle = Some(h);
         side.closed = false;
+        // A new incarnation: its ISN may equal the last one's (same 4-tuple, same clock tick,
+        // RFC 6528), so the SYN-ACK alone does not tell; the application writes only after
+        // accepting, so counting restarts here.
+        side.written = 0;
         reads.insert(h, 0);
     }
 }
