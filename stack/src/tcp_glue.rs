@@ -456,7 +456,12 @@ impl Stack {
                     }
                 }
             }
-            if self.tcp.table.remove(&(s.local, s.remote)).is_some() {
+            // Only its own entry: a closed connection the application still holds runs through
+            // here again on every call, and its 4-tuple may belong to a newer connection by then
+            // (removing that one's entry left it sending and deaf; found by tcp_conversation).
+            let key = (s.local, s.remote);
+            if self.tcp.table.get(&key) == Some(&idx) {
+                self.tcp.table.remove(&key);
                 // Once per connection: its totals join the stack's.
                 self.counters.tcp_retransmitted_bytes += s.conn.retransmitted;
                 self.counters.tcp_timeouts += s.conn.timeouts;

@@ -1776,3 +1776,34 @@ fn no_tail_loss_probe_between_backed_off_retransmission_timeouts() {
         "backoff only: {sent:?}"
     );
 }
+
+#[test]
+fn a_closed_connection_still_held_does_not_unhook_its_successor() {
+    // Found by the tcp_conversation fuzz target: every call on a closed connection the
+    // application still held removed the table entry of its 4-tuple, by then a newer
+    // connection's, which went on sending but could no longer hear the peer.
+    let mut r = Rig::new();
+    let l = r.listen(8);
+    let iss1 = syn_from(&mut r, 40000)[0].seq + 1;
+    r.send(&seg(TcpControl::None, 1001, Some(iss1), &[]));
+    let (old, _, _) = r.s.tcp_accept(l).unwrap();
+    r.send(&seg(TcpControl::Psh, 1001, Some(iss1), b"unread"));
+    r.send(&seg(TcpControl::Rst, 1007, None, &[]));
+    assert!(
+        r.s.tcp_error(old).is_some(),
+        "the first connection was reset"
+    );
+    // The same peer port connects again.
+    let synack = r.send(&seg(TcpControl::Syn, 5000, None, &[]));
+    let iss2 = synack[0].seq + 1;
+    r.send(&seg(TcpControl::None, 5001, Some(iss2), &[]));
+    let (new, _, _) = r.s.tcp_accept(l).expect("second connection");
+    // The application reads what the first one left, then closes it.
+    let mut buf = [0u8; 16];
+    let _ = r.s.tcp_recv(r.now, old, &mut buf);
+    r.s.tcp_close(r.now, old);
+    // The second one still hears its peer.
+    r.send(&seg(TcpControl::Psh, 5001, Some(iss2), b"hello"));
+    assert_eq!(r.s.tcp_recv(r.now, new, &mut buf), Ok(5));
+    assert_eq!(r.s.tcp_connections(), 1);
+}
