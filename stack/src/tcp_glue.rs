@@ -497,6 +497,12 @@ impl Stack {
         self.tcp.wheel.expire(now, &mut fired);
         for idx in fired.drain(..) {
             if let Some(Some(s)) = self.tcp.socks.get_mut(idx as usize) {
+                // An entry superseded by an earlier arm fires later for nothing: the
+                // connection's own deadline is more than a tick away. Skipping it keeps the
+                // armed entry (re-arming here would add a duplicate every time).
+                if s.armed.is_none_or(|a| a > now + Duration::from_millis(1)) {
+                    continue;
+                }
                 s.armed = None;
                 s.conn.on_timer(now);
                 self.tcp_mark_ready(idx);
