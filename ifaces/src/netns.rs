@@ -154,24 +154,8 @@ pub struct TapEnv {
     pub kernel_mac: Mac,
 }
 
-/// The MAC address of an interface, read from sysfs (namespace-aware for the calling thread's
-/// own namespace only through a fresh mount, so this asks `ip` instead).
-pub fn interface_mac(name: &str) -> io::Result<Mac> {
-    let out = Command::new("ip")
-        .args(["-o", "link", "show", "dev", name])
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mac = text
-        .split_whitespace()
-        .skip_while(|w| *w != "link/ether")
-        .nth(1)
-        .ok_or_else(|| io::Error::other(format!("no MAC for {name}: {text}")))?;
-    let mut m = [0u8; 6];
-    for (d, p) in m.iter_mut().zip(mac.split(':')) {
-        *d = u8::from_str_radix(p, 16).map_err(io::Error::other)?;
-    }
-    Ok(m)
-}
+/// The MAC address of an interface in the calling thread's namespace (`SIOCGIFHWADDR`).
+pub use crate::tap::interface_mac;
 
 /// Enters a private namespace and sets up a TAP there (see the module docs).
 pub fn tap_env(cfg: &TapEnvConfig) -> io::Result<TapEnv> {
@@ -477,27 +461,14 @@ pub fn ethtool_off(dev: &str) -> io::Result<()> {
         cmd: u32,
         data: u32,
     }
-    // SAFETY: plain socket(2); closed below.
-    let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if s < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut result = Ok(());
     for cmd in [ETHTOOL_STXCSUM, ETHTOOL_SGSO] {
         let mut v = Value { cmd, data: 0 };
         let mut r = crate::tap::ifreq(dev)?;
         r.ifr_ifru.ifru_data = (&mut v as *mut Value).cast();
-        // SAFETY: SIOCETHTOOL reads our ifreq and the ethtool_value it points to.
-        if unsafe { libc::ioctl(s, libc::SIOCETHTOOL, &mut r) } < 0 {
-            let e = io::Error::last_os_error();
-            result = Err(io::Error::new(
-                e.kind(),
-                format!("ethtool ioctl {cmd:#x} on {dev}: {e}"),
-            ));
-            break;
-        }
+        // SAFETY: SIOCETHTOOL reads our ifreq and the ethtool_value it points to, alive here.
+        unsafe { crate::tap::if_ioctl(libc::SIOCETHTOOL, &mut r) }.map_err(|e| {
+            io::Error::new(e.kind(), format!("ethtool ioctl {cmd:#x} on {dev}: {e}"))
+        })?;
     }
-    // SAFETY: our fd.
-    unsafe { libc::close(s) };
-    result
+    Ok(())
 }

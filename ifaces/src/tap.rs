@@ -109,9 +109,13 @@ pub(crate) fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-/// The MTU of an interface in the calling thread's network namespace.
-pub fn interface_mtu(name: &str) -> io::Result<usize> {
-    let mut r = ifreq(name)?;
+/// Runs one interface ioctl (`SIOC*`) on `r` through a throwaway datagram socket.
+///
+/// # Safety
+///
+/// `req` must be an interface request that reads and writes only `r` (and, for `SIOCETHTOOL`,
+/// the buffer its `ifru_data` points to, which must be valid).
+pub(crate) unsafe fn if_ioctl(req: libc::Ioctl, r: &mut libc::ifreq) -> io::Result<()> {
     // SAFETY: plain socket(2); the fd is owned at once.
     let s = unsafe {
         OwnedFd::from_raw_fd(cvt(libc::socket(
@@ -120,26 +124,40 @@ pub fn interface_mtu(name: &str) -> io::Result<usize> {
             0,
         ))?)
     };
+    // SAFETY: the caller vouches for `req` and `r`.
+    cvt(unsafe { libc::ioctl(s.as_raw_fd(), req, r as *mut libc::ifreq) }).map(|_| ())
+}
+
+/// The MTU of an interface in the calling thread's network namespace.
+pub fn interface_mtu(name: &str) -> io::Result<usize> {
+    let mut r = ifreq(name)?;
     // SAFETY: SIOCGIFMTU reads ifr_name and writes ifr_mtu of our ifreq.
-    cvt(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFMTU, &mut r) })?;
+    unsafe { if_ioctl(libc::SIOCGIFMTU, &mut r) }?;
     // SAFETY: the kernel filled the mtu member.
     Ok(unsafe { r.ifr_ifru.ifru_mtu } as usize)
+}
+
+/// The MAC address of an interface in the calling thread's network namespace.
+pub fn interface_mac(name: &str) -> io::Result<Mac> {
+    let mut r = ifreq(name)?;
+    // SAFETY: SIOCGIFHWADDR reads ifr_name and writes ifr_hwaddr of our ifreq.
+    unsafe { if_ioctl(libc::SIOCGIFHWADDR, &mut r) }?;
+    // SAFETY: the kernel filled the hwaddr member.
+    let sa = unsafe { r.ifr_ifru.ifru_hwaddr };
+    let mut m = [0u8; 6];
+    for (d, s) in m.iter_mut().zip(sa.sa_data.iter()) {
+        *d = *s as u8;
+    }
+    Ok(m)
 }
 
 /// Sets an interface's `txqueuelen` (`SIOCSIFTXQLEN`).
 fn set_tx_queue_len(name: &str, len: u32) -> io::Result<()> {
     let mut r = ifreq(name)?;
-    r.ifr_ifru.ifru_metric = len as libc::c_int; // ifr_qlen shares the union with ifr_metric
-                                                 // SAFETY: plain socket(2); the fd is owned at once.
-    let s = unsafe {
-        OwnedFd::from_raw_fd(cvt(libc::socket(
-            libc::AF_INET,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            0,
-        ))?)
-    };
+    // ifr_qlen shares the union with ifr_metric.
+    r.ifr_ifru.ifru_metric = len as libc::c_int;
     // SAFETY: SIOCSIFTXQLEN reads ifr_name and ifr_qlen of our ifreq.
-    cvt(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFTXQLEN, &mut r) }).map(|_| ())
+    unsafe { if_ioctl(libc::SIOCSIFTXQLEN, &mut r) }
 }
 
 impl Tap {

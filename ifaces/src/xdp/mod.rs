@@ -27,8 +27,8 @@ use ipnet::IpNet;
 pub use xsk::XskKernelStats;
 use xsk::{Xsk, XskSizes, FRAME, XDP_COPY, XDP_USE_NEED_WAKEUP, XDP_ZEROCOPY};
 
-use crate::tap::{cvt, ifreq, interface_mtu};
-use crate::{Batch, Device, DeviceInfo, Frame, FrameMeta, Mac, Offloads};
+use crate::tap::{interface_mac, interface_mtu};
+use crate::{Batch, Device, DeviceInfo, Frame, FrameMeta, Offloads};
 
 /// Where the XDP program runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -266,28 +266,6 @@ pub struct Xdp {
     pub program: XdpProgram,
     /// One device per queue, in queue order.
     pub queues: Vec<XdpDevice>,
-}
-
-/// The MAC address of an interface in the calling thread's namespace.
-pub fn interface_mac(name: &str) -> io::Result<Mac> {
-    let mut r = ifreq(name)?;
-    // SAFETY: plain socket(2); the fd is owned at once.
-    let s = unsafe {
-        <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(cvt(libc::socket(
-            libc::AF_INET,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            0,
-        ))?)
-    };
-    // SAFETY: SIOCGIFHWADDR reads ifr_name and writes ifr_hwaddr of our ifreq.
-    cvt(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFHWADDR, &mut r) })?;
-    // SAFETY: the kernel filled the hwaddr member.
-    let sa = unsafe { r.ifr_ifru.ifru_hwaddr };
-    let mut m = [0u8; 6];
-    for (d, s) in m.iter_mut().zip(sa.sa_data.iter()) {
-        *d = *s as u8;
-    }
-    Ok(m)
 }
 
 fn ifindex(name: &str) -> io::Result<u32> {
