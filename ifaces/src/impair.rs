@@ -233,12 +233,12 @@ pub struct Impaired<D> {
 impl<D: Device> Impaired<D> {
     /// Wraps `inner`. Delays are measured with `clock`.
     pub fn new(inner: D, cfg: ImpairConfig, clock: Arc<dyn Clock>) -> Self {
-        let max = inner.info().max_frame();
+        let info = inner.info();
         Impaired {
             rx: Lane::new(cfg.rx, cfg.seed),
             tx: Lane::new(cfg.tx, cfg.seed ^ 0x9e37_79b9_7f4a_7c15),
-            scratch: Batch::new(64, max),
-            out: Batch::new(64, max),
+            scratch: Batch::new(64, info.max_frame()),
+            out: Batch::new(64, info.max_tx_frame()),
             inner,
             clock,
         }

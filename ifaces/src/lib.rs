@@ -15,6 +15,7 @@ use std::io;
 use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
 
+pub mod gso;
 pub mod impair;
 pub mod mem;
 pub mod netns;
@@ -271,6 +272,12 @@ impl DeviceInfo {
         } else {
             self.mtu + 14
         }
+    }
+
+    /// Buffer size that holds any frame this device takes on transmit (a super-frame when it
+    /// segments TCP).
+    pub fn max_tx_frame(&self) -> usize {
+        (self.mtu + 14).max(self.offloads.max_gso_frame)
     }
 }
 
