@@ -103,6 +103,11 @@ pub struct Counters {
     pub rx_frames: u64,
     /// Frames the stack produced.
     pub tx_frames: u64,
+    /// Received GSO super-frames (several segments' worth in one frame, from a device with
+    /// receive offloads).
+    pub rx_gso_frames: u64,
+    /// TCP super-frames sent for the device to segment (TSO).
+    pub tx_gso_frames: u64,
     /// ICMP/ICMPv6 echo replies sent.
     pub echo_replies: u64,
     /// ARP replies and neighbour advertisements sent.
@@ -150,6 +155,8 @@ impl Counters {
     pub fn add(&mut self, other: &Counters) {
         self.rx_frames += other.rx_frames;
         self.tx_frames += other.tx_frames;
+        self.rx_gso_frames += other.rx_gso_frames;
+        self.tx_gso_frames += other.tx_gso_frames;
         self.echo_replies += other.echo_replies;
         self.neighbor_replies += other.neighbor_replies;
         self.udp_delivered += other.udp_delivered;
@@ -196,9 +203,11 @@ impl fmt::Display for Counters {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "rx {} tx {} echo {} neigh {} udp in {} out {} reassembled {} tcp retransmitted {} timeouts {} recoveries {} probes {}",
+            "rx {} tx {} (gso in {} out {}) echo {} neigh {} udp in {} out {} reassembled {} tcp retransmitted {} timeouts {} recoveries {} probes {}",
             self.rx_frames,
             self.tx_frames,
+            self.rx_gso_frames,
+            self.tx_gso_frames,
             self.echo_replies,
             self.neighbor_replies,
             self.udp_delivered,

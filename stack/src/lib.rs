@@ -42,7 +42,7 @@ use smoltcp::wire::{
 use subnetstack_demux::{
     BindError, BindPolicy, Binding, BindingId, Demux, Flow, HashKey, ListenerId, PortSpec, Protocol,
 };
-use subnetstack_ifaces::{Batch, Csum, FrameMeta, Mac};
+use subnetstack_ifaces::{Batch, Csum, FrameMeta, Mac, Offloads};
 
 pub use counters::{Counters, DropReason};
 use frag::{FragKey, Reassembler, ReassemblyConfig};
@@ -80,6 +80,13 @@ pub struct Config {
     pub hash_key: Option<HashKey>,
     /// TCP tunables (buffers, Nagle, timers).
     pub tcp: TcpConfig,
+    /// What the device does for the stack on transmit (the runtime copies the device's
+    /// [`DeviceInfo::offloads`](subnetstack_ifaces::DeviceInfo::offloads)). With `tx_csum`,
+    /// TCP frames leave with only the pseudo-header sum for the device to complete; with
+    /// `tx_tso4`/`tx_tso6`, a connection's consecutive full-sized segments leave as one
+    /// super-frame of up to `max_gso_frame` bytes that the device cuts back into them. None by
+    /// default: every frame complete and at most the MTU.
+    pub offloads: Offloads,
 }
 
 impl Config {
@@ -100,6 +107,7 @@ impl Config {
             bind_policy: BindPolicy::Nested,
             hash_key: None,
             tcp: TcpConfig::default(),
+            offloads: Offloads::default(),
         }
     }
 }
@@ -224,22 +232,56 @@ const BROADCAST: Mac = [0xff; 6];
 /// Errors kept per socket (older ones are dropped).
 const MAX_SOCKET_ERRORS: usize = 16;
 
+/// A frame on its way out: its bytes and the offload metadata the device gets with them.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct TxFrame {
+    pub(crate) data: Vec<u8>,
+    pub(crate) meta: FrameMeta,
+}
+
+impl From<Vec<u8>> for TxFrame {
+    fn from(data: Vec<u8>) -> Self {
+        TxFrame {
+            data,
+            meta: FrameMeta::default(),
+        }
+    }
+}
+
+impl From<TxFrame> for Vec<u8> {
+    fn from(f: TxFrame) -> Self {
+        f.data
+    }
+}
+
+impl std::ops::Deref for TxFrame {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl std::ops::DerefMut for TxFrame {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.data
+    }
+}
+
 /// One shard's protocol state. See the crate docs.
 pub struct Stack {
     cfg: Config,
     local4: PrefixMap<Ipv4Net, ()>,
     local6: PrefixMap<Ipv6Net, ()>,
     demux: Demux,
-    neigh: NeighborCache,
+    neigh: NeighborCache<TxFrame>,
     /// Neighbours learned from the wire since the last `take_learned_neighbors` (bounded).
     learned: Vec<(IpAddr, Mac)>,
     reasm: Reassembler,
     udp: Vec<Option<UdpSock>>,
     free_udp: Vec<u32>,
-    tx: VecDeque<Vec<u8>>,
+    tx: VecDeque<TxFrame>,
     pool: Vec<Vec<u8>>,
     scratch: Vec<u8>,
-    tcp_payload: Vec<u8>,
     tcp: tcp_glue::Tcp,
     counters: Counters,
     icmp_tokens: u32,
@@ -316,7 +358,6 @@ impl Stack {
             tx: VecDeque::new(),
             pool: Vec::new(),
             scratch: Vec::new(),
-            tcp_payload: Vec::new(),
             // The cookie secret is independent of the demux key (a fixed demux key, given for
             // reproducible tests, still yields a distinct cookie secret).
             tcp: tcp_glue::Tcp::new(cfg.tcp.clone(), {
@@ -445,6 +486,7 @@ impl Stack {
     /// Processes one received Ethernet frame.
     pub fn handle_frame(&mut self, now: Duration, frame: &[u8], meta: FrameMeta) {
         self.counters.rx_frames += 1;
+        self.counters.rx_gso_frames += u64::from(meta.gso.is_some());
         let Ok(eth) = EthernetFrame::new_checked(frame) else {
             return self.drop(DropReason::EthTruncated);
         };
@@ -998,20 +1040,21 @@ impl Stack {
 
     // ---- output -----------------------------------------------------------------------
 
-    fn alloc(&mut self, len: usize) -> Vec<u8> {
+    pub(crate) fn alloc(&mut self, len: usize) -> Vec<u8> {
         let mut f = self.pool.pop().unwrap_or_default();
         f.clear();
         f.resize(len, 0);
         f
     }
 
-    fn recycle(&mut self, f: Vec<u8>) {
+    pub(crate) fn recycle(&mut self, f: impl Into<Vec<u8>>) {
         if self.pool.len() < 1024 {
-            self.pool.push(f);
+            self.pool.push(f.into());
         }
     }
 
-    fn queue_tx(&mut self, f: Vec<u8>) {
+    fn queue_tx(&mut self, f: impl Into<TxFrame>) {
+        let f = f.into();
         if self.tx.len() >= self.cfg.tx_queue {
             self.drop(DropReason::TxQueueFull);
             return self.recycle(f);
@@ -1019,7 +1062,7 @@ impl Stack {
         self.tx.push_back(f);
     }
 
-    fn eth_header(&self, f: &mut [u8], dst: Mac, ethertype: EthernetProtocol) {
+    pub(crate) fn eth_header(&self, f: &mut [u8], dst: Mac, ethertype: EthernetProtocol) {
         EthernetRepr {
             src_addr: EthernetAddress(self.cfg.mac),
             dst_addr: EthernetAddress(dst),
@@ -1160,14 +1203,19 @@ impl Stack {
         }
     }
 
-    fn next_ident(&mut self) -> u32 {
+    pub(crate) fn next_ident(&mut self) -> u32 {
         self.ident = self.ident.wrapping_add(1);
         self.ident
     }
 
     /// Sends a frame (destination MAC to fill) towards `dst`: multicast maps directly, unicast
     /// goes through the neighbour cache.
-    fn route(&mut self, now: Duration, src: IpAddr, dst: IpAddr, mut f: Vec<u8>) {
+    fn route(&mut self, now: Duration, src: IpAddr, dst: IpAddr, f: Vec<u8>) {
+        self.route_meta(now, src, dst, TxFrame::from(f));
+    }
+
+    /// [`route`](Self::route) for a frame with offload metadata.
+    pub(crate) fn route_meta(&mut self, now: Duration, src: IpAddr, dst: IpAddr, mut f: TxFrame) {
         if let IpAddr::V6(d) = dst {
             if d.is_multicast() {
                 f[..6].copy_from_slice(&multicast_mac(d));
@@ -1238,7 +1286,7 @@ impl Stack {
         let mut n = 0;
         while !out.is_full() {
             let Some(f) = self.tx.pop_front() else { break };
-            if out.push(&f, FrameMeta::default()) {
+            if out.push(&f.data, f.meta) {
                 n += 1;
                 self.counters.tx_frames += 1;
             } else {

@@ -6,6 +6,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
+use std::ops::DerefMut;
 use std::time::Duration;
 
 use subnetstack_ifaces::Mac;
@@ -60,38 +61,48 @@ enum State {
 }
 
 #[derive(Debug)]
-struct Entry {
+struct Entry<F> {
     state: State,
     /// Our address to solicit from (the source of the first packet that needed this neighbour).
     src: IpAddr,
     /// Whole frames whose destination MAC is to be filled in.
-    pending: VecDeque<Vec<u8>>,
+    pending: VecDeque<F>,
 }
 
 /// What to do with a frame for a next hop.
 #[derive(Debug)]
-pub enum Resolve {
+pub enum Resolve<F = Vec<u8>> {
     /// Send now to this MAC.
-    Send(Mac, Vec<u8>),
+    Send(Mac, F),
     /// Send now to this (stale) MAC, and send a solicitation to confirm it.
-    SendAndSolicit(Mac, Vec<u8>),
+    SendAndSolicit(Mac, F),
     /// Queued; send a solicitation now if `solicit`.
     Queued {
         /// A solicitation is due.
         solicit: bool,
     },
     /// Not queued: cache or queue full (the frame is handed back for recycling).
-    Dropped(Vec<u8>, crate::DropReason),
+    Dropped(F, crate::DropReason),
 }
 
-/// The cache.
-#[derive(Debug, Default)]
-pub struct NeighborCache {
+/// The cache. `F` is the frame type it queues: bytes (its first six are the destination MAC,
+/// filled in on resolution), possibly with metadata beside them.
+#[derive(Debug)]
+pub struct NeighborCache<F = Vec<u8>> {
     cfg: NeighborConfig,
-    map: HashMap<IpAddr, Entry>,
+    map: HashMap<IpAddr, Entry<F>>,
 }
 
-impl NeighborCache {
+impl<F> Default for NeighborCache<F> {
+    fn default() -> Self {
+        NeighborCache {
+            cfg: NeighborConfig::default(),
+            map: HashMap::new(),
+        }
+    }
+}
+
+impl<F: DerefMut<Target = [u8]> + Clone> NeighborCache<F> {
     /// An empty cache.
     pub fn new(cfg: NeighborConfig) -> Self {
         NeighborCache {
@@ -147,7 +158,7 @@ impl NeighborCache {
 
     /// Resolves `ip` for `frame` (a whole frame, destination MAC to be set) sent from our
     /// address `src`.
-    pub fn resolve(&mut self, ip: IpAddr, src: IpAddr, frame: Vec<u8>, now: Duration) -> Resolve {
+    pub fn resolve(&mut self, ip: IpAddr, src: IpAddr, frame: F, now: Duration) -> Resolve<F> {
         let retry = self.cfg.retry;
         if let Some(e) = self.map.get_mut(&ip) {
             match &mut e.state {
@@ -186,7 +197,7 @@ impl NeighborCache {
             src,
             pending: VecDeque::new(),
         });
-        if e.pending.iter().map(Vec::len).sum::<usize>() + frame.len() > cfg.pending_bytes {
+        if e.pending.iter().map(|f| f.len()).sum::<usize>() + frame.len() > cfg.pending_bytes {
             return Resolve::Dropped(frame, crate::DropReason::NeighborQueueFull);
         }
         e.pending.push_back(frame);
@@ -202,15 +213,15 @@ impl NeighborCache {
     }
 
     /// Keeps a copy of a frame sent to a stale MAC, within the queue's budget.
-    fn keep_copy(e: &mut Entry, frame: &[u8], budget: usize) {
-        if e.pending.iter().map(Vec::len).sum::<usize>() + frame.len() <= budget {
-            e.pending.push_back(frame.to_vec());
+    fn keep_copy(e: &mut Entry<F>, frame: &F, budget: usize) {
+        if e.pending.iter().map(|f| f.len()).sum::<usize>() + frame.len() <= budget {
+            e.pending.push_back(frame.clone());
         }
     }
 
     /// Records that `ip` is at `mac`. Creates an entry only if `create` (the message was addressed
     /// to us); otherwise refreshes an existing one. Returns frames that were waiting, addressed.
-    pub fn learn(&mut self, ip: IpAddr, mac: Mac, now: Duration, create: bool) -> Vec<Vec<u8>> {
+    pub fn learn(&mut self, ip: IpAddr, mac: Mac, now: Duration, create: bool) -> Vec<F> {
         if !self.map.contains_key(&ip) && (!create || !self.make_room(now)) {
             return Vec::new();
         }
@@ -241,9 +252,9 @@ impl NeighborCache {
 
     /// Timers: returns the neighbours to solicit again (with the address to solicit from), and
     /// the frames dropped for neighbours that never answered.
-    pub fn poll(&mut self, now: Duration) -> (Vec<(IpAddr, IpAddr)>, Vec<Vec<u8>>) {
+    pub fn poll(&mut self, now: Duration) -> (Vec<(IpAddr, IpAddr)>, Vec<F>) {
         let mut again = Vec::new();
-        let mut dead: Vec<(IpAddr, Vec<Vec<u8>>)> = Vec::new();
+        let mut dead: Vec<(IpAddr, Vec<F>)> = Vec::new();
         let tries = self.cfg.tries;
         let retry = self.cfg.retry;
         self.map.retain(|ip, e| match &mut e.state {
@@ -309,7 +320,7 @@ mod tests {
 
     #[test]
     fn queue_solicit_learn_flush() {
-        let mut c = NeighborCache::new(NeighborConfig::default());
+        let mut c = NeighborCache::<Vec<u8>>::new(NeighborConfig::default());
         let t = Duration::from_secs(1);
         assert!(matches!(
             c.resolve(ip(1), ip(9), vec![0; 20], t),
@@ -370,7 +381,7 @@ mod tests {
 
     #[test]
     fn learning_unsolicited_needs_create() {
-        let mut c = NeighborCache::new(NeighborConfig::default());
+        let mut c = NeighborCache::<Vec<u8>>::new(NeighborConfig::default());
         c.learn(ip(2), MAC, Duration::ZERO, false);
         assert!(c.is_empty());
         c.learn(ip(2), MAC, Duration::ZERO, true);
@@ -384,7 +395,7 @@ mod tests {
             pending_bytes: 40,
             ..Default::default()
         };
-        let mut c = NeighborCache::new(cfg);
+        let mut c = NeighborCache::<Vec<u8>>::new(cfg);
         let t0 = Duration::ZERO;
         c.resolve(ip(1), ip(9), vec![0; 20], t0);
         c.resolve(ip(1), ip(9), vec![0; 20], t0);

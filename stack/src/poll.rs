@@ -18,13 +18,14 @@ pub struct Driver<D> {
 }
 
 impl<D: Device> Driver<D> {
-    /// Batches of 32 frames sized for the device.
+    /// Batches of 32 frames sized for the device (transmit buffers hold a super-frame when the
+    /// device takes them).
     pub fn new(dev: D) -> Self {
-        let max = dev.info().max_frame();
+        let (rx, tx) = (dev.info().max_frame(), dev.info().max_tx_frame());
         Driver {
             dev,
-            rx: Batch::new(32, max),
-            tx: Batch::new(32, max.max(1514)),
+            rx: Batch::new(32, rx),
+            tx: Batch::new(32, tx),
         }
     }
 

@@ -8,16 +8,17 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{EthernetProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr};
 use smoltcp::wire::{IpProtocol, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber};
 use subnetstack_demux::{BindError, Binding, BindingId, Flow, ListenerId, PortSpec, Protocol};
-use subnetstack_ifaces::{Csum, FrameMeta};
+use subnetstack_ifaces::{Csum, FrameMeta, Gso, GsoKind};
 
 use crate::tcp::cc::Congestion;
 use crate::tcp::conn::{window_shift, Conn, Keepalive, SegIn, SegOut, State, TcpConfig, TcpError};
 use crate::tcp::cookie::{CookieJar, PERIOD};
 use crate::tcp::seq::Seq;
 use crate::tcp::wheel::TimerWheel;
-use crate::{DropReason, IpL4, Stack, UdpErrorKind};
+use crate::{DropReason, IpL4, Stack, TxFrame, UdpErrorKind};
 
 /// A TCP listener of a stack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -333,6 +334,73 @@ fn tcp_options(seg: &SegOut, out: &mut [u8; 40]) -> usize {
     n
 }
 
+/// The RFC 1071 ones'-complement sum (folded, not inverted) of the TCP/UDP pseudo-header
+/// (RFC 9293 3.1, RFC 8200 8.1).
+pub(crate) fn pseudo_header_sum(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> u16 {
+    let mut sum = u64::from(proto) + len as u64;
+    let mut words = |b: &[u8]| {
+        for w in b.chunks_exact(2) {
+            sum += u64::from(u16::from_be_bytes([w[0], w[1]]));
+        }
+    };
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            words(&s.octets());
+            words(&d.octets());
+        }
+        (s, d) => {
+            let v6 = |a: IpAddr| match a {
+                IpAddr::V6(a) => a.octets(),
+                IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+            };
+            words(&v6(s));
+            words(&v6(d));
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// Joins the data segments at the front of `segs` that a TSO device would cut back into exactly
+/// those segments: consecutive in sequence and send buffer, every one but the last full-sized
+/// (the first one's size), the same headers apart from PSH and FIN on the last, and at most
+/// `room` payload bytes in all. Returns the segment to send, its GSO size (0: a plain
+/// segment) and how many segments it stands for.
+fn coalesce(segs: &[SegOut], room: usize) -> (SegOut, u16, usize) {
+    let mut acc = segs[0];
+    let step = acc.len;
+    if room == 0 || step == 0 || acc.syn || acc.rst || acc.fin || acc.psh {
+        return (acc, 0, 1);
+    }
+    let mut n = 1;
+    for s in &segs[1..] {
+        let joins = acc.len % step == 0
+            && !acc.fin
+            && !acc.psh
+            && s.len > 0
+            && s.len <= step
+            && acc.len + s.len <= room
+            && s.seq == acc.seq + acc.len as u32
+            && s.off == acc.off + acc.len
+            && !s.syn
+            && !s.rst
+            && s.mss.is_none()
+            && s.wscale.is_none()
+            && !s.sack_permitted
+            && (s.ack, s.window, s.ts, s.sack) == (acc.ack, acc.window, acc.ts, acc.sack);
+        if !joins {
+            break;
+        }
+        acc.len += s.len;
+        acc.fin = s.fin;
+        acc.psh = s.psh;
+        n += 1;
+    }
+    (acc, if n > 1 { step as u16 } else { 0 }, n)
+}
+
 impl Stack {
     fn tcp_mss(&self, v6: bool) -> u16 {
         (self.cfg.mtu - if v6 { 60 } else { 40 }).min(65535) as u16
@@ -353,7 +421,21 @@ impl Stack {
         Seq(h.wrapping_add((now.as_micros() / 4) as u32))
     }
 
-    /// Builds and routes one segment of `idx` (or of no connection, for RSTs).
+    /// Payload bytes one TCP super-frame may carry when the device segments TCP for this family
+    /// (TSO), counting the largest TCP header; 0 without TSO. The IP packet stays within 64 KiB.
+    fn tso_room(&self, v6: bool) -> usize {
+        let o = &self.cfg.offloads;
+        if !(if v6 { o.tx_tso6 } else { o.tx_tso4 }) {
+            return 0;
+        }
+        let ip = if v6 { 40 } else { 20 };
+        (o.max_gso_frame.saturating_sub(14).min(65_535)).saturating_sub(ip + 60)
+    }
+
+    /// Builds and routes one segment of `idx` (or of no connection, for RSTs), straight into
+    /// its frame: headers, then the payload from the send buffer. With `gso` (the payload bytes
+    /// per segment) set, the frame is a TSO super-frame the device cuts up; with checksum
+    /// offload the TCP checksum holds only the pseudo-header sum for the device to complete.
     fn send_seg(
         &mut self,
         now: Duration,
@@ -361,21 +443,52 @@ impl Stack {
         remote: SocketAddr,
         seg: &SegOut,
         idx: Option<u32>,
+        gso: u16,
     ) {
-        let mut payload = std::mem::take(&mut self.tcp_payload);
-        payload.clear();
-        payload.resize(seg.len, 0);
-        if let (Some(i), true) = (idx, seg.len > 0) {
-            if let Some(Some(s)) = self.tcp.socks.get(i as usize) {
-                s.conn.payload(seg.off, &mut payload);
-            }
-        }
         let mut opts = [0u8; 40];
         let olen = tcp_options(seg, &mut opts);
-        let mut l4 = std::mem::take(&mut self.scratch);
-        l4.clear();
-        l4.resize(20 + olen + payload.len(), 0);
-        let mut p = TcpPacket::new_unchecked(&mut l4[..]);
+        let v6 = local.is_ipv6();
+        let iph = if v6 { 40 } else { 20 };
+        let l4_start = 14 + iph;
+        let hdr = l4_start + 20 + olen;
+        let l4_len = 20 + olen + seg.len;
+        let mut f = self.alloc(hdr);
+        if seg.len > 0 {
+            match idx.and_then(|i| self.tcp.socks.get(i as usize)) {
+                Some(Some(s)) => s.conn.append_payload(seg.off, seg.len, &mut f),
+                _ => f.resize(hdr + seg.len, 0),
+            }
+        }
+        match (local.ip(), remote.ip()) {
+            (IpAddr::V4(src), IpAddr::V4(dst)) => {
+                self.eth_header(&mut f, [0; 6], EthernetProtocol::Ipv4);
+                let mut p = Ipv4Packet::new_unchecked(&mut f[14..]);
+                Ipv4Repr {
+                    src_addr: src,
+                    dst_addr: dst,
+                    next_header: IpProtocol::Tcp,
+                    payload_len: l4_len,
+                    hop_limit: 64,
+                }
+                .emit(&mut p, &ChecksumCapabilities::default());
+                p.set_ident(self.next_ident() as u16);
+                p.set_dont_frag(true);
+                p.fill_checksum();
+            }
+            (IpAddr::V6(src), IpAddr::V6(dst)) => {
+                self.eth_header(&mut f, [0; 6], EthernetProtocol::Ipv6);
+                Ipv6Repr {
+                    src_addr: src,
+                    dst_addr: dst,
+                    next_header: IpProtocol::Tcp,
+                    payload_len: l4_len,
+                    hop_limit: 64,
+                }
+                .emit(&mut Ipv6Packet::new_unchecked(&mut f[14..]));
+            }
+            _ => return self.recycle(f),
+        }
+        let mut p = TcpPacket::new_unchecked(&mut f[l4_start..]);
         p.set_src_port(local.port());
         p.set_dst_port(remote.port());
         p.set_seq_number(TcpSeqNumber(seg.seq.0 as i32));
@@ -390,11 +503,28 @@ impl Stack {
         p.set_window_len(seg.window);
         p.set_urgent_at(0);
         p.options_mut().copy_from_slice(&opts[..olen]);
-        p.payload_mut().copy_from_slice(&payload);
-        p.fill_checksum(&local.ip().into(), &remote.ip().into());
-        self.send_ip(now, local.ip(), remote.ip(), IpProtocol::Tcp, 64, &l4);
-        self.scratch = l4;
-        self.tcp_payload = payload;
+        let (src, dst) = (local.ip().into(), remote.ip().into());
+        let mut meta = FrameMeta::default();
+        if self.cfg.offloads.tx_csum || gso > 0 {
+            // What the device expects (virtio NEEDS_CSUM): the pseudo-header sum, not inverted,
+            // over the whole TCP length (a super-frame's; the device adjusts each segment's).
+            p.set_checksum(pseudo_header_sum(local.ip(), remote.ip(), 6, l4_len));
+            meta.csum = Csum::Partial {
+                start: l4_start as u16,
+                offset: 16,
+            };
+        } else {
+            p.fill_checksum(&src, &dst);
+        }
+        if gso > 0 {
+            self.counters.tx_gso_frames += 1;
+            meta.gso = Some(Gso {
+                kind: if v6 { GsoKind::Tcp6 } else { GsoKind::Tcp4 },
+                size: gso,
+                hdr_len: hdr as u16,
+            });
+        }
+        self.route_meta(now, local.ip(), remote.ip(), TxFrame { data: f, meta });
     }
 
     /// After anything happened to connection `idx`: transmit, move it along its lifecycle, rearm.
@@ -405,9 +535,14 @@ impl Stack {
         let mut out = std::mem::take(&mut self.tcp.out);
         s.conn.poll_transmit(now, &mut out);
         let (local, remote) = (s.local, s.remote);
-        for seg in out.drain(..) {
-            self.send_seg(now, local, remote, &seg, Some(idx));
+        let tso = self.tso_room(local.is_ipv6());
+        let mut i = 0;
+        while i < out.len() {
+            let (seg, gso, n) = coalesce(&out[i..], tso);
+            self.send_seg(now, local, remote, &seg, Some(idx), gso);
+            i += n;
         }
+        out.clear();
         self.tcp.out = out;
         let s = self.tcp.socks[idx as usize].as_mut().expect("present");
         let state = s.conn.state();
@@ -580,7 +715,7 @@ impl Stack {
                 ..Default::default()
             }
         };
-        self.send_seg(now, local, remote, &rst, None);
+        self.send_seg(now, local, remote, &rst, None, 0);
     }
 
     /// Gives `seg` to connection `idx`, sends its immediate answers (RST), counts a drop, and
@@ -600,7 +735,7 @@ impl Stack {
             }
         }
         for r in out.drain(..) {
-            self.send_seg(now, local, remote, &r, None);
+            self.send_seg(now, local, remote, &r, None, 0);
         }
         self.tcp.out = out;
         self.tcp_mark_ready(idx);
@@ -666,7 +801,7 @@ impl Stack {
                 }
             }
         };
-        self.send_seg(now, local, remote, &rst, None);
+        self.send_seg(now, local, remote, &rst, None, 0);
     }
 
     /// An ICMP error quoting a TCP segment we sent (`data` starts at its TCP header).
@@ -801,7 +936,7 @@ impl Stack {
             ..Default::default()
         };
         self.counters.tcp_syncookies_sent += 1;
-        self.send_seg(now, local, remote, &seg, None);
+        self.send_seg(now, local, remote, &seg, None, 0);
     }
 
     /// An ACK for no connection: if its listener sent cookies lately and the cookie holds,
@@ -1020,7 +1155,7 @@ impl Stack {
             s.conn.abort(&mut out);
             let (local, remote) = (s.local, s.remote);
             for seg in out.drain(..) {
-                self.send_seg(now, local, remote, &seg, None);
+                self.send_seg(now, local, remote, &seg, None, 0);
             }
             self.tcp.out = out;
             self.tcp_after(now, idx);
@@ -1258,7 +1393,7 @@ impl Stack {
         s.conn.abort(&mut out);
         let (local, remote) = (s.local, s.remote);
         for seg in out.drain(..) {
-            self.send_seg(now, local, remote, &seg, None);
+            self.send_seg(now, local, remote, &seg, None, 0);
         }
         self.tcp.out = out;
         self.tcp_after(now, h.0);
@@ -1346,5 +1481,109 @@ impl Stack {
             .get(h.0 as usize)
             .and_then(Option::as_ref)
             .map_or(0, |s| s.conn.retransmitted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(seq: u32, off: usize, len: usize) -> SegOut {
+        SegOut {
+            seq: Seq(seq),
+            ack: Some(Seq(7)),
+            window: 100,
+            ts: Some((1, 2)),
+            off,
+            len,
+            ..Default::default()
+        }
+    }
+
+    fn run(segs: &[SegOut], room: usize) -> Vec<(u32, usize, u16, usize)> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < segs.len() {
+            let (s, gso, n) = coalesce(&segs[i..], room);
+            out.push((s.seq.0, s.len, gso, n));
+            i += n;
+        }
+        out
+    }
+
+    #[test]
+    fn coalesce_joins_only_what_a_device_cuts_back_the_same() {
+        let full = |i: usize| data(1000 + 100 * i as u32, 100 * i, 100);
+        // Four full segments and a short last one: one super-frame of 450 bytes.
+        let mut segs: Vec<SegOut> = (0..4).map(full).collect();
+        let mut last = data(1400, 400, 50);
+        last.psh = true;
+        last.fin = true;
+        segs.push(last);
+        assert_eq!(run(&segs, 65_000), [(1000, 450, 100, 5)]);
+        let (s, _, _) = coalesce(&segs, 65_000);
+        assert!(s.psh && s.fin, "PSH and FIN of the last segment");
+        // Room for three segments' payload.
+        assert_eq!(run(&segs, 300), [(1000, 300, 100, 3), (1300, 150, 100, 2)]);
+        // Without TSO nothing joins.
+        assert_eq!(run(&segs[..2], 0), [(1000, 100, 0, 1), (1100, 100, 0, 1)]);
+        // A short segment ends a run: what follows it starts another.
+        let segs = [full(0), data(1100, 100, 60), data(1160, 160, 100)];
+        assert_eq!(run(&segs, 65_000), [(1000, 160, 100, 2), (1160, 100, 0, 1)]);
+        // A different ACK, window, SACK or timestamp, a gap in sequence or buffer, PSH or FIN
+        // before the end, a SYN or RST: no join.
+        let mut b = full(1);
+        b.ack = Some(Seq(8));
+        assert_eq!(run(&[full(0), b], 65_000).len(), 2);
+        let mut b = full(1);
+        b.window = 99;
+        assert_eq!(run(&[full(0), b], 65_000).len(), 2);
+        let mut b = full(1);
+        b.sack[0] = Some((Seq(1), Seq(2)));
+        assert_eq!(run(&[full(0), b], 65_000).len(), 2);
+        let mut b = full(1);
+        b.ts = Some((2, 2));
+        assert_eq!(run(&[full(0), b], 65_000).len(), 2);
+        assert_eq!(run(&[full(0), full(2)], 65_000).len(), 2);
+        let mut b = full(1);
+        b.off = 150;
+        assert_eq!(run(&[full(0), b], 65_000).len(), 2);
+        let mut a = full(0);
+        a.psh = true;
+        assert_eq!(run(&[a, full(1)], 65_000).len(), 2);
+        let mut b = full(1);
+        b.fin = true;
+        assert_eq!(run(&[full(0), b, full(2)], 65_000).len(), 2);
+        let mut b = full(1);
+        b.rst = true;
+        assert_eq!(run(&[full(0), b], 65_000).len(), 2);
+        // A bare FIN after the data stays its own segment; so do a longer one and an empty one.
+        let mut fin = data(1100, 100, 0);
+        fin.fin = true;
+        assert_eq!(run(&[full(0), fin], 65_000).len(), 2);
+        assert_eq!(run(&[full(0), data(1100, 100, 200)], 65_000).len(), 2);
+    }
+
+    #[test]
+    fn pseudo_header_sum_completes_to_the_full_checksum() {
+        for (src, dst) in [
+            ("198.18.0.1", "198.19.255.254"),
+            ("2001:db8::1", "2001:db8:ffff::abcd"),
+        ] {
+            let (src, dst): (IpAddr, IpAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+            let len = 20 + 333;
+            let mut l4 = vec![0u8; len];
+            for (i, b) in l4.iter_mut().enumerate() {
+                *b = (i * 31 + 7) as u8;
+            }
+            let mut p = TcpPacket::new_unchecked(&mut l4[..]);
+            p.set_header_len(20);
+            p.fill_checksum(&src.into(), &dst.into());
+            let full = p.checksum();
+            // What a device does with the partial sum: sum the segment over it, invert.
+            p.set_checksum(pseudo_header_sum(src, dst, 6, len));
+            let c = !subnetstack_ifaces::gso::ones_sum(&l4, 0);
+            assert_eq!(c, full, "{src} -> {dst}");
+        }
     }
 }

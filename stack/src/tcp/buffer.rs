@@ -127,6 +127,14 @@ impl SendBuffer {
         out[a.len()..].copy_from_slice(b);
     }
 
+    /// Appends `len` bytes starting `off` bytes after the oldest unacknowledged byte to `out`
+    /// (a frame being built: no zeroing first).
+    pub fn append_at(&self, off: usize, len: usize, out: &mut Vec<u8>) {
+        let (a, b) = self.ring.slices(off, len);
+        out.extend_from_slice(a);
+        out.extend_from_slice(b);
+    }
+
     /// Drops `n` acknowledged bytes from the front.
     pub fn ack(&mut self, n: usize) {
         let n = min(n, self.len);

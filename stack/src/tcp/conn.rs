@@ -619,9 +619,9 @@ impl Conn {
         n
     }
 
-    /// Copies `out.len()` bytes of the send buffer from `off` (for segments being built).
-    pub fn payload(&self, off: usize, out: &mut [u8]) {
-        self.send.read_at(off, out);
+    /// Appends `len` bytes of the send buffer from `off` to `out` (a frame being built).
+    pub fn append_payload(&self, off: usize, len: usize, out: &mut Vec<u8>) {
+        self.send.append_at(off, len, out);
     }
 
     /// Switches Nagle's algorithm (`TCP_NODELAY` is `set_nagle(false)`).
@@ -1068,7 +1068,15 @@ impl Conn {
                     self.retransmit_una = true;
                     self.cwnd = self.cwnd.saturating_sub(acked).max(mss) + mss;
                 }
-                None if self.cwnd < self.ssthresh => self.cwnd += acked.min(mss),
+                // Slow start grows by everything acknowledged, as Linux does (tcp_slow_start),
+                // not by at most one MSS per ACK (RFC 5681's SHOULD): a peer that receives
+                // GRO'd or TSO super-frames acknowledges 64 KiB at a time, and one MSS per such
+                // stretch ACK would keep the window near its initial ten segments.
+                None if self.cwnd < self.ssthresh => {
+                    // Up to ssthresh; past it, one MSS at most as before.
+                    let grown = self.cwnd.saturating_add(acked).min(self.ssthresh);
+                    self.cwnd = grown.max(self.cwnd.saturating_add(acked.min(mss)));
+                }
                 None => {
                     let srtt = self.rtt.srtt().unwrap_or(Duration::from_millis(100));
                     self.cwnd = self.cc.on_ack(now, srtt, self.cwnd, acked, mss);

@@ -63,10 +63,11 @@ impl Running {
         let prefixes: Vec<IpNet> = prefixes.iter().map(|p| p.parse().unwrap()).collect();
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
-        let mac = tap.info().mac;
+        let (mac, offloads) = (tap.info().mac, tap.info().offloads);
         let thread = std::thread::spawn(move || {
             let mut cfg = Config::new(mac, prefixes);
             cfg.hash_key = Some(HashKey([8; 16]));
+            cfg.offloads = offloads;
             tweak(&mut cfg);
             let mut stack = Stack::new(cfg).unwrap();
             let mut app = setup(&mut stack);
