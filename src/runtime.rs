@@ -118,10 +118,14 @@ impl Builder {
     }
 
     /// Runs on the TAP interface `name` (created if absent, attached if it exists; the caller
-    /// configures the kernel side).
+    /// configures the kernel side), with virtio-net offloads on: the stack sends TCP
+    /// super-frames for the kernel to segment (TSO) and leaves checksums to it, and takes the
+    /// kernel's GSO super-frames. [`tap_config`](Self::tap_config) with
+    /// [`TapConfig::offload`] off sends and takes only MTU-sized, checksummed frames.
     pub fn tap(mut self, name: &str) -> Self {
         let mut t = TapConfig::new(name);
         t.queues = self.queues;
+        t.offload = true;
         self.tap = Some(t);
         self
     }
@@ -306,6 +310,7 @@ impl Builder {
         cfg.gateway_v6 = self.gateway_v6;
         cfg.tcp = self.tcp.clone();
         cfg.bind_policy = self.bind_policy;
+        cfg.offloads = devs[0].info().offloads;
         // Every shard hashes flows with the same key, so reuseport picks agree across shards.
         cfg.hash_key = Some(self.hash_key.unwrap_or_else(HashKey::random));
         let mut stacks = Vec::new();

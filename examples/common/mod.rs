@@ -39,6 +39,9 @@ pub struct DeviceArgs {
     /// TAP queues, one poll thread (shard) each.
     #[arg(long, default_value_t = 1)]
     pub queues: usize,
+    /// Open the TAP without virtio-net offloads (no TSO super-frames, no checksum offload).
+    #[arg(long)]
+    pub no_offload: bool,
     /// Write every frame to this pcap file.
     #[arg(long, value_name = "FILE")]
     pub pcap: Option<PathBuf>,
@@ -166,6 +169,11 @@ impl DeviceArgs {
         let mut b = Runtime::builder().queues(self.queues);
         b = match (&self.tap, &self.xdp) {
             (_, Some(x)) => b.xdp(x),
+            (Some(t), None) if self.no_offload => {
+                let mut cfg = subnetstack::ifaces::tap::TapConfig::new(t);
+                cfg.queues = self.queues;
+                b.tap_config(cfg)
+            }
             (Some(t), None) => b.tap(t),
             (None, None) => unreachable!("clap requires --tap or --xdp"),
         };
