@@ -1283,6 +1283,7 @@ impl Stack {
 
     /// Moves frames to transmit into the free buffers of `out`; returns how many.
     pub fn poll_transmit(&mut self, out: &mut Batch) -> usize {
+        self.tcp_flush();
         let mut n = 0;
         while !out.is_full() {
             let Some(f) = self.tx.pop_front() else { break };
@@ -1297,7 +1298,8 @@ impl Stack {
         n
     }
 
-    /// Frames waiting for [`poll_transmit`](Self::poll_transmit).
+    /// Frames waiting for [`poll_transmit`](Self::poll_transmit) (TCP segments for what the
+    /// application wrote since the last call are built by that call, and not counted here).
     pub fn pending_transmit(&self) -> usize {
         self.tx.len()
     }
@@ -1316,6 +1318,7 @@ impl Stack {
 
     /// Runs timers: neighbour retries and give-ups, reassembly timeouts.
     pub fn handle_timeout(&mut self, now: Duration) {
+        self.tcp_flush();
         let (again, dead) = self.neigh.poll(now);
         for (hop, src) in again {
             self.solicit(now, hop, src);

@@ -185,6 +185,8 @@ struct Sock {
     mem: usize,
     /// Listed in `Tcp::ready`.
     ready: bool,
+    /// Listed in `Tcp::deferred`.
+    deferred: bool,
 }
 
 impl Sock {
@@ -203,6 +205,7 @@ impl Sock {
             in_time_wait: false,
             mem: 0,
             ready: false,
+            deferred: false,
         }
     }
 }
@@ -230,6 +233,11 @@ pub(crate) struct Tcp {
     /// only once the application asked: otherwise it would grow with every connection).
     ready: Vec<u32>,
     track_ready: bool,
+    /// Connections the application wrote to, read from or closed since the last transmit,
+    /// with the time of the first such call: they send at the next `poll_transmit`, so that
+    /// what the application does in one round leaves together (a response and its FIN in one
+    /// segment, several writes in full segments).
+    deferred: Vec<(u32, Duration)>,
     out: Vec<SegOut>,
     fired: Vec<u32>,
 }
@@ -250,6 +258,7 @@ impl Tcp {
             half_open: 0,
             buffer_bytes: 0,
             ready: Vec::new(),
+            deferred: Vec::new(),
             track_ready: false,
             out: Vec::new(),
             fired: Vec::new(),
@@ -257,6 +266,9 @@ impl Tcp {
     }
 
     pub(crate) fn next_deadline(&self) -> Option<Duration> {
+        if let Some(&(_, t)) = self.deferred.first() {
+            return Some(t);
+        }
         self.wheel.next_deadline()
     }
 
@@ -560,10 +572,8 @@ impl Stack {
                 lis.accept.push_back(idx);
             }
         }
+        self.tcp_account(idx);
         let s = self.tcp.socks[idx as usize].as_mut().expect("present");
-        let mem = s.conn.buffer_bytes();
-        self.tcp.buffer_bytes = (self.tcp.buffer_bytes + mem).saturating_sub(s.mem);
-        s.mem = mem;
         // TIME-WAIT is bounded: past the limit a connection closes at once (RFC 6191 would
         // allow reuse with timestamps; skipping is what Linux does at tcp_max_tw_buckets).
         let mut state = state;
@@ -624,6 +634,46 @@ impl Stack {
                 s.armed = Some(d);
                 self.tcp.wheel.arm(idx, d);
             }
+        }
+    }
+
+    /// Brings connection `idx`'s buffer bytes into the stack's total.
+    fn tcp_account(&mut self, idx: u32) {
+        if let Some(Some(s)) = self.tcp.socks.get_mut(idx as usize) {
+            let mem = s.conn.buffer_bytes();
+            self.tcp.buffer_bytes = (self.tcp.buffer_bytes + mem).saturating_sub(s.mem);
+            s.mem = mem;
+        }
+    }
+
+    /// Marks connection `idx` to transmit at the next flush (see `Tcp::deferred`); its buffer
+    /// memory counts at once.
+    fn tcp_defer(&mut self, now: Duration, idx: u32) {
+        self.tcp_account(idx);
+        if let Some(Some(s)) = self.tcp.socks.get_mut(idx as usize) {
+            if !s.deferred {
+                s.deferred = true;
+                self.tcp.deferred.push((idx, now));
+            }
+        }
+    }
+
+    /// Transmits for the connections the application touched since the last flush.
+    pub(crate) fn tcp_flush(&mut self) {
+        if self.tcp.deferred.is_empty() {
+            return;
+        }
+        let mut list = std::mem::take(&mut self.tcp.deferred);
+        for &(idx, now) in &list {
+            if let Some(Some(s)) = self.tcp.socks.get_mut(idx as usize) {
+                if std::mem::take(&mut s.deferred) {
+                    self.tcp_after(now, idx);
+                }
+            }
+        }
+        list.clear();
+        if self.tcp.deferred.is_empty() {
+            self.tcp.deferred = list;
         }
     }
 
@@ -1223,6 +1273,7 @@ impl Stack {
             in_time_wait: false,
             mem: 0,
             ready: false,
+            deferred: false,
         });
         self.tcp_after(now, idx);
         Ok(TcpHandle(idx))
@@ -1272,7 +1323,7 @@ impl Stack {
                 lis.stats.bytes_out += n as u64;
             }
         }
-        self.tcp_after(now, h.0);
+        self.tcp_defer(now, h.0);
         Ok(n)
     }
 
@@ -1303,7 +1354,7 @@ impl Stack {
                 lis.stats.bytes_in += n as u64;
             }
         }
-        self.tcp_after(now, h.0);
+        self.tcp_defer(now, h.0);
         Ok(n)
     }
 
@@ -1364,7 +1415,7 @@ impl Stack {
     pub fn tcp_shutdown(&mut self, now: Duration, h: TcpHandle) {
         let Ok(s) = self.tcp_sock(h) else { return };
         s.conn.shutdown();
-        self.tcp_after(now, h.0);
+        self.tcp_defer(now, h.0);
     }
 
     /// Closes the application's side: FIN after the queued data; the connection finishes in the
@@ -1379,7 +1430,7 @@ impl Stack {
         }
         s.app_closed = true;
         s.conn.close();
-        self.tcp_after(now, h.0);
+        self.tcp_defer(now, h.0);
     }
 
     /// Resets the connection and frees it.

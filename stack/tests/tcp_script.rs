@@ -1807,3 +1807,17 @@ fn a_closed_connection_still_held_does_not_unhook_its_successor() {
     assert_eq!(r.s.tcp_recv(r.now, new, &mut buf), Ok(5));
     assert_eq!(r.s.tcp_connections(), 1);
 }
+
+/// What the application does in one round leaves together: two writes and a close become one
+/// segment carrying both writes and the FIN (not three segments).
+#[test]
+fn writes_and_a_close_in_one_round_leave_as_one_segment() {
+    let (mut r, _, h) = established();
+    assert_eq!(r.s.tcp_send(r.now, h, b"HTTP/1.1 200 OK\r\n\r\n"), Ok(19));
+    assert_eq!(r.s.tcp_send(r.now, h, b"hello"), Ok(5));
+    r.s.tcp_close(r.now, h);
+    let out = r.out();
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].payload, b"HTTP/1.1 200 OK\r\n\r\nhello");
+    assert!(out[0].fin);
+}
