@@ -1821,3 +1821,18 @@ fn writes_and_a_close_in_one_round_leave_as_one_segment() {
     assert_eq!(out[0].payload, b"HTTP/1.1 200 OK\r\n\r\nhello");
     assert!(out[0].fin);
 }
+
+/// A GSO super-frame from a device with receive offloads stands for several full-sized
+/// segments: it is acknowledged at once, not after the delayed-ACK timer.
+#[test]
+fn a_received_super_frame_is_acknowledged_at_once() {
+    let (mut r, iss1, _) = established();
+    let data = vec![5u8; 4000];
+    let out = r.send(&seg(TcpControl::None, 1001, Some(iss1), &data));
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].ack, Some(5001));
+    // One short segment still waits for the timer.
+    assert!(r
+        .send(&seg(TcpControl::None, 5001, Some(iss1), b"x"))
+        .is_empty());
+}

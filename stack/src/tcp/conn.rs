@@ -1261,7 +1261,10 @@ impl Conn {
             // Out of order, or filling a hole: ACK at once (RFC 5681 4.2).
             self.ack_now = true;
         } else {
-            self.unacked_segs += 1;
+            // Counted in full-sized segments: a GSO super-frame from a device with receive
+            // offloads stands for many, and is acknowledged at once as they would be.
+            let segs = (data.len() / usize::from(self.mss.max(1))).max(1);
+            self.unacked_segs = self.unacked_segs.saturating_add(segs as u32);
             if self.unacked_segs >= 2 {
                 self.ack_now = true;
             } else if self.ack_at.is_none() {
