@@ -229,6 +229,8 @@ struct UdpSock {
 
 const CAPS: fn() -> ChecksumCapabilities = ChecksumCapabilities::default;
 const BROADCAST: Mac = [0xff; 6];
+/// Buffers up to this capacity go to the frame pool; larger ones (super-frames) to their own.
+const SMALL_BUF: usize = 4096;
 /// Errors kept per socket (older ones are dropped).
 const MAX_SOCKET_ERRORS: usize = 16;
 
@@ -281,6 +283,8 @@ pub struct Stack {
     free_udp: Vec<u32>,
     tx: VecDeque<TxFrame>,
     pool: Vec<Vec<u8>>,
+    /// Buffers of TSO super-frames (up to 64 KiB each), kept apart and fewer.
+    pool_big: Vec<Vec<u8>>,
     scratch: Vec<u8>,
     tcp: tcp_glue::Tcp,
     counters: Counters,
@@ -357,6 +361,7 @@ impl Stack {
             free_udp: Vec::new(),
             tx: VecDeque::new(),
             pool: Vec::new(),
+            pool_big: Vec::new(),
             scratch: Vec::new(),
             // The cookie secret is independent of the demux key (a fixed demux key, given for
             // reproducible tests, still yields a distinct cookie secret).
@@ -1041,15 +1046,34 @@ impl Stack {
     // ---- output -----------------------------------------------------------------------
 
     pub(crate) fn alloc(&mut self, len: usize) -> Vec<u8> {
-        let mut f = self.pool.pop().unwrap_or_default();
+        self.alloc_for(len, len)
+    }
+
+    /// A buffer of `len` zero bytes with room for `cap` (a frame whose payload is appended).
+    pub(crate) fn alloc_for(&mut self, len: usize, cap: usize) -> Vec<u8> {
+        let pool = if cap > SMALL_BUF {
+            &mut self.pool_big
+        } else {
+            &mut self.pool
+        };
+        let mut f = pool.pop().unwrap_or_default();
         f.clear();
+        f.reserve(cap);
         f.resize(len, 0);
         f
     }
 
+    /// Keeps a buffer for reuse: up to 1,024 frame-sized ones and 16 larger ones (a burst of
+    /// super-frames must not leave megabytes behind).
     pub(crate) fn recycle(&mut self, f: impl Into<Vec<u8>>) {
-        if self.pool.len() < 1024 {
-            self.pool.push(f.into());
+        let f = f.into();
+        let (pool, max) = if f.capacity() > SMALL_BUF {
+            (&mut self.pool_big, 16)
+        } else {
+            (&mut self.pool, 1024)
+        };
+        if pool.len() < max {
+            pool.push(f);
         }
     }
 
@@ -1475,4 +1499,26 @@ pub(crate) struct IpL4 {
     dst: IpAddr,
     proto: IpProtocol,
     hop: u8,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffer_pools_keep_few_large_buffers() {
+        let mut s = Stack::new(Config::new([2, 0, 0, 0, 0, 1], Vec::new())).unwrap();
+        let big: Vec<Vec<u8>> = (0..100).map(|_| s.alloc_for(60, 65_000)).collect();
+        let small: Vec<Vec<u8>> = (0..100).map(|_| s.alloc(1514)).collect();
+        for f in big.into_iter().chain(small) {
+            s.recycle(f);
+        }
+        assert_eq!((s.pool_big.len(), s.pool.len()), (16, 100));
+        // A super-frame's buffer comes from the large ones, a frame's from the small ones.
+        let f = s.alloc_for(60, 65_000);
+        assert!(f.capacity() >= 65_000 && f.len() == 60);
+        assert_eq!(s.pool_big.len(), 15);
+        let f = s.alloc(100);
+        assert!(f.capacity() < SMALL_BUF);
+    }
 }

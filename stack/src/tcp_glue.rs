@@ -464,7 +464,7 @@ impl Stack {
         let l4_start = 14 + iph;
         let hdr = l4_start + 20 + olen;
         let l4_len = 20 + olen + seg.len;
-        let mut f = self.alloc(hdr);
+        let mut f = self.alloc_for(hdr, hdr + seg.len);
         if seg.len > 0 {
             match idx.and_then(|i| self.tcp.socks.get(i as usize)) {
                 Some(Some(s)) => s.conn.append_payload(seg.off, seg.len, &mut f),
