@@ -68,6 +68,9 @@ fn open(
         let mut buf = [0u8; 128];
         assert_eq!(s.tcp_recv(now, h, &mut buf), Ok(100));
         assert_eq!(s.tcp_send(now, h, &[9u8; 100]), Ok(100));
+        // The response leaves at the next transmit; the peer acknowledges it.
+        let mut out = Batch::new(4, 2048);
+        assert_eq!(s.poll_transmit(&mut out), 1);
         let ack = TcpRepr {
             timestamp: ts(3),
             ..tcp_repr(port, 80, TcpControl::None, 1101, Some(iss + 101), 512, &[])
