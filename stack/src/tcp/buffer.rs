@@ -9,6 +9,10 @@ struct Ring {
     buf: Vec<u8>,
     head: usize,
     limit: usize,
+    /// The size the storage had when it was last released: regrowth goes straight back to it
+    /// (a bulk sender's buffer empties whenever the peer acknowledges everything, and doubling
+    /// up from 2 KiB again costs an allocation and a copy per step).
+    last: u32,
 }
 
 impl Ring {
@@ -17,6 +21,7 @@ impl Ring {
             buf: Vec::new(),
             head: 0,
             limit,
+            last: 0,
         }
     }
 
@@ -27,6 +32,11 @@ impl Ring {
             return;
         }
         let mut cap = self.buf.len().max(2048);
+        if need > 2048 {
+            // A large write: back to the earlier size at once (a small one starts small, so that
+            // a connection that once sent a lot does not allocate as much for every reply).
+            cap = cap.max(self.last as usize);
+        }
         while cap < need {
             cap *= 2;
         }
@@ -65,7 +75,8 @@ impl Ring {
     }
 
     fn release_if_empty(&mut self, used: usize) {
-        if used == 0 {
+        if used == 0 && !self.buf.is_empty() {
+            self.last = self.buf.len() as u32;
             self.buf = Vec::new();
             self.head = 0;
         }
@@ -276,6 +287,22 @@ mod tests {
         s.ack(5000);
         assert!(s.is_empty());
         assert_eq!(s.capacity(), 0, "an idle buffer holds nothing");
+    }
+
+    #[test]
+    fn a_released_ring_regrows_to_its_earlier_size_for_large_writes_only() {
+        let mut s = SendBuffer::new(1 << 20);
+        assert_eq!(s.write(&[1; 100_000]), 100_000);
+        assert_eq!(s.capacity(), 131_072);
+        s.ack(100_000);
+        assert_eq!(s.capacity(), 0);
+        // A large write goes straight back (one allocation instead of six doublings)...
+        s.write(&[2; 5000]);
+        assert_eq!(s.capacity(), 131_072);
+        s.ack(5000);
+        // ...a small one starts small.
+        s.write(&[3; 500]);
+        assert_eq!(s.capacity(), 2048);
     }
 
     #[test]
