@@ -82,11 +82,14 @@ pub struct FrameMeta {
     pub csum: Csum,
 }
 
-/// One frame buffer: fixed capacity, allocated once, reused.
+/// One frame buffer: fixed capacity, allocated once, reused. A frame can also take over a
+/// buffer whole ([`Batch::push_owned`]), so that a frame built elsewhere is not copied.
 #[derive(Clone, Debug)]
 pub struct Frame {
-    buf: Box<[u8]>,
+    /// At least `len` bytes; `cap` bytes once `buffer_mut` has been called.
+    buf: Vec<u8>,
     len: usize,
+    cap: usize,
     /// Offload metadata.
     pub meta: FrameMeta,
 }
@@ -95,8 +98,9 @@ impl Frame {
     /// An empty frame able to hold `capacity` bytes.
     pub fn with_capacity(capacity: usize) -> Self {
         Frame {
-            buf: vec![0; capacity].into_boxed_slice(),
+            buf: vec![0; capacity],
             len: 0,
+            cap: capacity,
             meta: FrameMeta::default(),
         }
     }
@@ -123,25 +127,34 @@ impl Frame {
 
     /// Capacity in bytes.
     pub fn capacity(&self) -> usize {
-        self.buf.len()
+        self.cap
     }
 
     /// The whole buffer, for a device (or the stack) to fill; then call [`set_len`](Self::set_len).
     pub fn buffer_mut(&mut self) -> &mut [u8] {
-        &mut self.buf
+        if self.buf.len() < self.cap {
+            self.buf.resize(self.cap, 0);
+        }
+        &mut self.buf[..self.cap]
     }
 
     /// Sets the length after filling [`buffer_mut`](Self::buffer_mut). Panics past the capacity
     /// (a programming error, not an input error).
     pub fn set_len(&mut self, len: usize) {
-        assert!(len <= self.buf.len(), "frame length {len} past capacity");
+        assert!(
+            len <= self.cap && len <= self.buf.len(),
+            "frame length {len} past capacity"
+        );
         self.len = len;
     }
 
     /// Replaces the contents with a copy of `data`; `false` (and no change) if it does not fit.
     pub fn copy_from(&mut self, data: &[u8], meta: FrameMeta) -> bool {
-        if data.len() > self.buf.len() {
+        if data.len() > self.cap {
             return false;
+        }
+        if self.buf.len() < data.len() {
+            self.buf.resize(data.len(), 0);
         }
         self.buf[..data.len()].copy_from_slice(data);
         self.len = data.len();
@@ -222,6 +235,21 @@ impl Batch {
     pub fn commit(&mut self) {
         assert!(self.len < self.frames.len(), "commit without a free buffer");
         self.len += 1;
+    }
+
+    /// Takes `data` as the next frame without copying it, and hands back the buffer it replaces
+    /// (for the caller to reuse); `Err(data)` when full or larger than the frame capacity.
+    pub fn push_owned(&mut self, data: Vec<u8>, meta: FrameMeta) -> Result<Vec<u8>, Vec<u8>> {
+        let Some(f) = self.frames.get_mut(self.len) else {
+            return Err(data);
+        };
+        if data.len() > f.cap {
+            return Err(data);
+        }
+        f.len = data.len();
+        f.meta = meta;
+        self.len += 1;
+        Ok(std::mem::replace(&mut f.buf, data))
     }
 
     /// Copies a frame in; `false` when full or too large.
@@ -380,5 +408,37 @@ impl ManualClock {
 impl Clock for ManualClock {
     fn now(&self) -> Duration {
         Duration::from_nanos(self.0.load(std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_takes_buffers_whole_and_hands_back_the_ones_it_replaces() {
+        let mut b = Batch::new(2, 100);
+        let old = b.push_owned(vec![1; 60], FrameMeta::default()).unwrap();
+        assert_eq!(old.len(), 100, "the frame's own buffer comes back");
+        assert_eq!(b.frames()[0].data(), &[1; 60][..]);
+        assert_eq!(
+            b.push_owned(vec![2; 101], FrameMeta::default()),
+            Err(vec![2; 101])
+        );
+        assert!(b.push(&[3; 100], FrameMeta::default()));
+        assert_eq!(b.push_owned(vec![4; 1], FrameMeta::default()), Err(vec![4]));
+        // The taken buffer, shorter than the capacity, still receives a full frame later.
+        b.clear();
+        assert!(
+            b.push(&[5; 100], FrameMeta::default()),
+            "copy into the 60-byte buffer"
+        );
+        assert_eq!(b.frames()[0].data(), &[5; 100][..]);
+        b.clear();
+        let f = b.next_free().unwrap();
+        assert_eq!(f.buffer_mut().len(), 100);
+        f.set_len(100);
+        b.commit();
+        assert_eq!(b.len(), 1);
     }
 }

@@ -1311,13 +1311,18 @@ impl Stack {
         let mut n = 0;
         while !out.is_full() {
             let Some(f) = self.tx.pop_front() else { break };
-            if out.push(&f.data, f.meta) {
-                n += 1;
-                self.counters.tx_frames += 1;
-            } else {
-                self.drop(DropReason::TxQueueFull);
+            // The frame's buffer moves into the batch (no copy); the one it replaces is reused.
+            match out.push_owned(f.data, f.meta) {
+                Ok(old) => {
+                    n += 1;
+                    self.counters.tx_frames += 1;
+                    self.recycle(old);
+                }
+                Err(data) => {
+                    self.drop(DropReason::TxQueueFull);
+                    self.recycle(data);
+                }
             }
-            self.recycle(f);
         }
         n
     }
