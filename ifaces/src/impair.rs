@@ -11,7 +11,7 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 
-use crate::{Batch, Clock, Device, DeviceInfo, Frame, FrameMeta};
+use crate::{gso, Batch, Clock, Csum, Device, DeviceInfo, Frame, FrameMeta};
 
 /// Impairments of one direction. Probabilities are per frame, 0.0 to 1.0.
 #[derive(Clone, Debug, PartialEq)]
@@ -146,44 +146,73 @@ impl Lane {
         } else {
             1
         };
+        // A bit flips on the wire, after the device's offloads: a super-frame or a frame whose
+        // checksum the device completes is first cut and completed as the device would (else
+        // the device would checksum the flipped bit and nobody could tell). A corrupted frame
+        // also loses any checksum-valid mark, so the receiver checks it.
+        let mut owned: Vec<Vec<u8>> = Vec::new();
+        if corrupt && (meta.gso.is_some() || matches!(meta.csum, Csum::Partial { .. })) {
+            let done = gso::device_transmit(data, &meta, |s| owned.push(s.to_vec()));
+            if done.is_err() {
+                owned.clear();
+            }
+        }
+        let single = [data];
+        let refs: Vec<&[u8]> = owned.iter().map(Vec::as_slice).collect();
+        let (pieces, mut meta) = if owned.is_empty() {
+            (&single[..], meta)
+        } else {
+            (&refs[..], FrameMeta::default())
+        };
+        if corrupt {
+            meta.csum = Csum::Complete;
+        }
+        let victim = ((bit >> 32) % pieces.len() as u64) as usize;
         for _ in 0..copies {
-            let mut buf = self.pool.pop().unwrap_or_default();
-            buf.clear();
-            buf.extend_from_slice(data);
-            if corrupt && !buf.is_empty() {
-                let b = (bit % (buf.len() as u64 * 8)) as usize;
-                buf[b / 8] ^= 1 << (b % 8);
-            }
-            let hold = self.chance(self.cfg.reorder);
-            let jitter = if self.cfg.jitter.is_zero() {
-                Duration::ZERO
-            } else {
-                Duration::from_nanos(self.rng.random_range(0..=self.cfg.jitter.as_nanos() as u64))
-            };
-            let delay = self.cfg.delay + jitter;
-            if !delay.is_zero() {
-                self.stats.delayed += 1;
-            }
-            self.seq += 1;
-            let q = Queued {
-                at: now + delay,
-                seq: self.seq,
-                data: buf,
-                meta,
-            };
-            if hold {
-                self.stats.reordered += 1;
-                self.held.push(Held {
-                    after_passed: self.stats.passed + u64::from(self.cfg.reorder_depth),
-                    deadline: now + delay + self.cfg.reorder_timeout,
-                    frame: q,
-                });
-            } else {
-                self.enqueue(q);
+            for (i, piece) in pieces.iter().enumerate() {
+                let mut buf = self.pool.pop().unwrap_or_default();
+                buf.clear();
+                buf.extend_from_slice(piece);
+                if corrupt && i == victim && !buf.is_empty() {
+                    let b = (bit % (buf.len() as u64 * 8)) as usize;
+                    buf[b / 8] ^= 1 << (b % 8);
+                }
+                self.queue_copy(buf, meta, now);
             }
         }
         if corrupt {
             self.stats.corrupted += 1;
+        }
+    }
+
+    /// Queues one frame (held back for reordering, delayed by the jitter).
+    fn queue_copy(&mut self, buf: Vec<u8>, meta: FrameMeta, now: Duration) {
+        let hold = self.chance(self.cfg.reorder);
+        let jitter = if self.cfg.jitter.is_zero() {
+            Duration::ZERO
+        } else {
+            Duration::from_nanos(self.rng.random_range(0..=self.cfg.jitter.as_nanos() as u64))
+        };
+        let delay = self.cfg.delay + jitter;
+        if !delay.is_zero() {
+            self.stats.delayed += 1;
+        }
+        self.seq += 1;
+        let q = Queued {
+            at: now + delay,
+            seq: self.seq,
+            data: buf,
+            meta,
+        };
+        if hold {
+            self.stats.reordered += 1;
+            self.held.push(Held {
+                after_passed: self.stats.passed + u64::from(self.cfg.reorder_depth),
+                deadline: now + delay + self.cfg.reorder_timeout,
+                frame: q,
+            });
+        } else {
+            self.enqueue(q);
         }
     }
 

@@ -198,3 +198,89 @@ fn capture_writes_a_pcap_that_tshark_reads() {
     assert_eq!(lines, 8, "{}", String::from_utf8_lossy(&out.stdout));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// An IPv4 TCP super-frame of `segs` × 100 payload bytes, checksum left to the device.
+fn super_frame(segs: usize) -> (Vec<u8>, FrameMeta) {
+    use subnetstack_ifaces::{Csum, Gso, GsoKind};
+    let mut f = vec![0u8; 54];
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    f[14] = 0x45;
+    f[16..18].copy_from_slice(&((40 + 100 * segs) as u16).to_be_bytes());
+    f[22] = 64;
+    f[23] = 6;
+    f[26..30].copy_from_slice(&[198, 18, 0, 1]);
+    f[30..34].copy_from_slice(&[198, 19, 0, 1]);
+    f[46] = 5 << 4;
+    f[47] = 0x10;
+    f.extend((0..100 * segs).map(|i| i as u8));
+    let meta = FrameMeta {
+        gso: Some(Gso {
+            kind: GsoKind::Tcp4,
+            size: 100,
+            hdr_len: 54,
+        }),
+        csum: Csum::Partial {
+            start: 34,
+            offset: 16,
+        },
+    };
+    (f, meta)
+}
+
+fn tcp4_checksum_ok(f: &[u8]) -> bool {
+    use subnetstack_ifaces::gso::ones_sum;
+    let l4 = &f[34..];
+    let pseudo = u32::from(ones_sum(&f[26..34], 0)) + 6 + l4.len() as u32;
+    ones_sum(l4, pseudo) == 0xffff
+}
+
+/// Corruption hits what the wire carries: a super-frame whose checksums the device would
+/// compute is cut and completed first, and the flipped bit shows in one segment's checksum
+/// (flipped before the device's checksum, it would go unnoticed).
+#[test]
+fn corruption_of_an_offloaded_super_frame_is_detectable() {
+    for corrupt in [0.0, 1.0] {
+        let clock = ManualClock::new();
+        let c: Arc<dyn Clock> = Arc::new(clock.clone());
+        let (a, mut b) = pair(LinkConfig::default(), c.clone());
+        let imp = Impairment {
+            corrupt,
+            ..Default::default()
+        };
+        let cfg = ImpairConfig {
+            seed: 3,
+            tx: imp,
+            ..Default::default()
+        };
+        let mut a = Impaired::new(a, cfg, c);
+        let (f, meta) = super_frame(3);
+        let mut out = Batch::new(1, 2048);
+        assert!(out.push(&f, meta));
+        a.send(out.frames()).unwrap();
+        let mut rx = Batch::new(8, 2048);
+        b.recv(&mut rx).unwrap();
+        if corrupt == 0.0 {
+            assert_eq!(rx.len(), 1, "untouched: the super-frame as it was");
+            assert_eq!(rx.frames()[0].meta, meta);
+            continue;
+        }
+        assert_eq!(rx.len(), 3, "cut into its segments");
+        let mut clean = Vec::new();
+        subnetstack_ifaces::gso::device_transmit(&f, &meta, |s| clean.push(s.to_vec())).unwrap();
+        let mut bad = 0;
+        for (got, want) in rx.frames().iter().zip(&clean) {
+            assert_eq!(got.meta, FrameMeta::default());
+            if got.data() != &want[..] {
+                bad += 1;
+                let ip_ok = subnetstack_ifaces::gso::ones_sum(&got.data()[14..34], 0) == 0xffff;
+                assert!(
+                    !ip_ok || !tcp4_checksum_ok(got.data()),
+                    "the flipped bit shows in a checksum"
+                );
+            } else {
+                assert!(tcp4_checksum_ok(got.data()));
+            }
+        }
+        assert_eq!(bad, 1, "one segment carries the flipped bit");
+    }
+}
