@@ -201,15 +201,44 @@ fn bulk_through_an_impaired_tap() {
     if !netns::live("bulk_through_an_impaired_tap") {
         return;
     }
-    let env = env(Backend::Tap, "sst-lossy");
-    let tap = env.queues.into_iter().next().unwrap();
-    // 2 % loss, reordering and duplication, both directions, on the stack's side of the TAP.
+    // The full size (about 25 s here; LOSSY_MIB=N runs another).
+    let mib: usize = std::env::var("LOSSY_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
     let imp = Impairment {
         loss: 0.02,
         reorder: 0.02,
         duplicate: 0.01,
         ..Default::default()
     };
+    impaired_bulk("sst-lossy", false, imp, mib);
+}
+
+/// With TAP offloads, through loss, reordering, duplication and corruption (after the
+/// offloads, where a wire would flip bits): TSO super-frames are resent in pieces, the kernel's
+/// GSO super-frames are lost whole, and every byte still arrives intact.
+#[test]
+fn bulk_through_an_impaired_tap_with_offloads() {
+    if !netns::live("bulk_through_an_impaired_tap_with_offloads") {
+        return;
+    }
+    let imp = Impairment {
+        loss: 0.02,
+        reorder: 0.02,
+        duplicate: 0.01,
+        corrupt: 0.005,
+        ..Default::default()
+    };
+    impaired_bulk("sst-lossy-tso", true, imp, 32);
+}
+
+/// `mib` MiB each way through impairments on the stack's side of the TAP, both directions.
+fn impaired_bulk(name: &str, offload: bool, imp: Impairment, mib: usize) {
+    let mut cfg = TapEnvConfig::new(name, &PREFIXES);
+    cfg.tap.offload = offload;
+    let env = netns::link_env(Backend::Tap, &cfg).unwrap();
+    let tap = env.queues.into_iter().next().unwrap();
     let dev = Impaired::new(
         tap,
         ImpairConfig {
@@ -220,13 +249,15 @@ fn bulk_through_an_impaired_tap() {
         Arc::new(SystemClock::new()),
     );
     let run = Running::start_dev(Box::new(dev), &PREFIXES, servers);
-    // The full size (about 25 s here; LOSSY_MIB=N runs another).
-    let mib: usize = std::env::var("LOSSY_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(256);
-    let secs = echo_bulk(run, "198.18.66.6:7", mib << 20);
-    println!("{mib} MiB each way through 2 % loss, reordering and duplication in {secs:.2} s");
+    let (secs, stack) = echo_bulk_stack(run, "198.18.66.6:7", mib << 20);
+    let c = stack.counters();
+    println!(
+        "{mib} MiB each way through impairments (offloads {offload}) in {secs:.2} s; super-frames in {} out {}",
+        c.rx_gso_frames, c.tx_gso_frames
+    );
+    if offload {
+        assert!(c.tx_gso_frames > 0 && c.rx_gso_frames > 0);
+    }
 }
 
 fn the_stack_dials_a_kernel_listener_from_local_addresses(backend: Backend) {
