@@ -482,7 +482,8 @@ impl Stack {
                     payload_len: l4_len,
                     hop_limit: 64,
                 }
-                .emit(&mut p, &ChecksumCapabilities::default());
+                // The header checksum once, after the identification and DF are set.
+                .emit(&mut p, &ChecksumCapabilities::ignored());
                 p.set_ident(self.next_ident() as u16);
                 p.set_dont_frag(true);
                 p.fill_checksum();
