@@ -1051,10 +1051,13 @@ impl Stack {
 
     /// A buffer of `len` zero bytes with room for `cap` (a frame whose payload is appended).
     pub(crate) fn alloc_for(&mut self, len: usize, cap: usize) -> Vec<u8> {
-        let pool = if cap > SMALL_BUF {
-            &mut self.pool_big
+        // Frame buffers are reserved at a full frame at least, so that a reused one never
+        // grows (a pure ACK's buffer serves a data segment next).
+        let (pool, cap) = if cap > SMALL_BUF {
+            (&mut self.pool_big, cap)
         } else {
-            &mut self.pool
+            let full = (self.cfg.mtu + 14).min(SMALL_BUF);
+            (&mut self.pool, cap.max(full))
         };
         let mut f = pool.pop().unwrap_or_default();
         f.clear();

@@ -707,15 +707,27 @@ pub fn icmpv4_unreachable(
     )
 }
 
-/// A global allocator that counts live heap bytes, for memory figures. Install it in a test or
-/// bench binary with `#[global_allocator] static A: CountingAlloc = CountingAlloc;`.
+/// A global allocator that counts live heap bytes, for memory figures, and allocations per
+/// thread. Install it in a test or bench binary with
+/// `#[global_allocator] static A: CountingAlloc = CountingAlloc;`.
 pub struct CountingAlloc;
 
 static LIVE_BYTES: std::sync::atomic::AtomicIsize = std::sync::atomic::AtomicIsize::new(0);
 
+thread_local! {
+    /// Allocations and reallocations made by this thread (no destructor: usable from the
+    /// allocator).
+    static THREAD_ALLOCS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+fn count_alloc() {
+    let _ = THREAD_ALLOCS.try_with(|c| c.set(c.get() + 1));
+}
+
 // SAFETY: forwards to the system allocator unchanged; only counts sizes.
 unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        count_alloc();
         LIVE_BYTES.fetch_add(l.size() as isize, std::sync::atomic::Ordering::Relaxed);
         std::alloc::System.alloc(l)
     }
@@ -724,6 +736,7 @@ unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
         std::alloc::System.dealloc(p, l)
     }
     unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, n: usize) -> *mut u8 {
+        count_alloc();
         LIVE_BYTES.fetch_add(
             n as isize - l.size() as isize,
             std::sync::atomic::Ordering::Relaxed,
@@ -735,4 +748,10 @@ unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
 /// Live heap bytes counted by [`CountingAlloc`] (0 unless it is the global allocator).
 pub fn live_heap_bytes() -> isize {
     LIVE_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Allocations and reallocations the calling thread made, counted by [`CountingAlloc`] (0
+/// unless it is the global allocator).
+pub fn thread_allocations() -> u64 {
+    THREAD_ALLOCS.with(std::cell::Cell::get)
 }

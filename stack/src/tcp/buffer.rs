@@ -1,7 +1,43 @@
 //! Connection buffers: a send ring and a receive ring with an out-of-order assembler. Both
 //! allocate lazily and grow up to their limit, so an idle connection holds no buffer memory.
 
+use std::cell::RefCell;
 use std::cmp::min;
+
+/// The smallest ring storage: what most request and response buffers need.
+const MIN_RING: usize = 2048;
+/// Released smallest storages kept per thread for the next ring that starts.
+const SPARE_MAX: usize = 256;
+
+thread_local! {
+    /// Storage of released smallest rings. A keep-alive connection empties its buffers after
+    /// every exchange, and idle connections hold none: without this, every request would
+    /// allocate and free (and zero) two 2 KiB buffers. At most 512 KiB per thread.
+    static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Storage of `cap` bytes: a spare one when there is one of that size (its old bytes are never
+/// read: a ring reads only what was written since), else a new zeroed one.
+fn new_storage(cap: usize) -> Vec<u8> {
+    if cap == MIN_RING {
+        if let Ok(Some(v)) = SPARE.try_with(|s| s.borrow_mut().pop()) {
+            return v;
+        }
+    }
+    vec![0u8; cap]
+}
+
+/// Gives storage back: kept if it is of the smallest size and there is room.
+fn free_storage(v: Vec<u8>) {
+    if v.len() == MIN_RING {
+        let _ = SPARE.try_with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < SPARE_MAX {
+                s.push(v);
+            }
+        });
+    }
+}
 
 /// A byte ring with a capacity limit, growing by doubling from empty.
 #[derive(Debug, Default)]
@@ -31,8 +67,8 @@ impl Ring {
         if need <= self.buf.len() {
             return;
         }
-        let mut cap = self.buf.len().max(2048);
-        if need > 2048 {
+        let mut cap = self.buf.len().max(MIN_RING);
+        if need > MIN_RING {
             // A large write: back to the earlier size at once (a small one starts small, so that
             // a connection that once sent a lot does not allocate as much for every reply).
             cap = cap.max(self.last as usize);
@@ -41,11 +77,11 @@ impl Ring {
             cap *= 2;
         }
         let cap = cap.min(self.limit);
-        let mut b = vec![0u8; cap];
+        let mut b = new_storage(cap);
         let (x, y) = self.slices(0, used);
         b[..x.len()].copy_from_slice(x);
         b[x.len()..x.len() + y.len()].copy_from_slice(y);
-        self.buf = b;
+        free_storage(std::mem::replace(&mut self.buf, b));
         self.head = 0;
     }
 
@@ -77,9 +113,15 @@ impl Ring {
     fn release_if_empty(&mut self, used: usize) {
         if used == 0 && !self.buf.is_empty() {
             self.last = self.buf.len() as u32;
-            self.buf = Vec::new();
+            free_storage(std::mem::take(&mut self.buf));
             self.head = 0;
         }
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        free_storage(std::mem::take(&mut self.buf));
     }
 }
 
@@ -214,6 +256,13 @@ impl RecvBuffer {
         }
         let data = &data[..min(data.len(), win - off)];
         let (s, e) = (off, off + data.len());
+        if s == 0 && self.ooo.is_empty() {
+            // In order with no holes (the common case): append.
+            self.ring.grow(self.len + e, self.len);
+            self.ring.write_at(self.len, data);
+            self.len += e;
+            return e;
+        }
         // Merge into the range set; refuse when it would need too many ranges.
         let mut merged = (s, e);
         let mut keep = Vec::with_capacity(self.ooo.len() + 1);

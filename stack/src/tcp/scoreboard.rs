@@ -94,10 +94,47 @@ pub struct Scoreboard {
     lost_n: usize,
 }
 
+thread_local! {
+    /// Record lists of scoreboards that emptied: a keep-alive connection's list empties after
+    /// every exchange and an idle one holds none, so without these every response would
+    /// allocate one. Small lists only, at most 256 per thread.
+    static SPARE: std::cell::RefCell<Vec<VecDeque<Rec>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// An empty record list, with room from a spare one if there is one.
+fn take_list() -> VecDeque<Rec> {
+    SPARE
+        .try_with(|s| s.borrow_mut().pop())
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+/// Keeps an emptied record list's storage for the next scoreboard (if small and room).
+fn give_list(mut l: VecDeque<Rec>) {
+    if l.capacity() == 0 || l.capacity() > 16 {
+        return;
+    }
+    l.clear();
+    let _ = SPARE.try_with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < 256 {
+            s.push(l);
+        }
+    });
+}
+
+impl Drop for Scoreboard {
+    fn drop(&mut self) {
+        give_list(std::mem::take(&mut self.recs));
+    }
+}
+
 impl Scoreboard {
     /// Forgets everything (the connection ended, or the peer may have reneged).
     pub fn clear(&mut self) {
-        self.recs = VecDeque::new();
+        give_list(std::mem::take(&mut self.recs));
         self.recount();
     }
 
@@ -129,6 +166,9 @@ impl Scoreboard {
                 self.recount();
                 return;
             }
+        }
+        if self.recs.capacity() == 0 {
+            self.recs = take_list();
         }
         self.recs.push_back(Rec {
             start,
@@ -202,7 +242,7 @@ impl Scoreboard {
         self.recount();
         if self.recs.is_empty() && self.recs.capacity() > 0 {
             // Idle connections hold no scoreboard memory.
-            self.recs = VecDeque::new();
+            give_list(std::mem::take(&mut self.recs));
         }
         out
     }

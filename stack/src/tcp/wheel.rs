@@ -44,7 +44,10 @@ impl TimerWheel {
     /// An empty wheel at time zero.
     pub fn new() -> Self {
         TimerWheel {
-            slots: vec![Vec::new(); SLOTS],
+            // Room for two entries per slot from the start (128 KiB): a slot's list would
+            // otherwise allocate the first time a deadline lands in it, which with few
+            // connections goes on for minutes of traffic.
+            slots: (0..SLOTS).map(|_| Vec::with_capacity(2)).collect(),
             far: BinaryHeap::new(),
             tick: 0,
             len: 0,
