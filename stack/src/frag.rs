@@ -57,6 +57,9 @@ pub struct Reassembler {
     cfg: ReassemblyConfig,
     used: usize,
     map: HashMap<FragKey, Partial>,
+    /// At or before the earliest deadline (exact after `poll`): `next_deadline` is asked every
+    /// poll round and must not walk the map.
+    earliest: Option<Duration>,
 }
 
 /// A completed datagram.
@@ -75,6 +78,7 @@ impl Reassembler {
             cfg,
             used: 0,
             map: HashMap::new(),
+            earliest: None,
         }
     }
 
@@ -113,6 +117,8 @@ impl Reassembler {
             return Err(DropReason::FragMalformed);
         }
         if !self.map.contains_key(&key) {
+            let d = now + self.cfg.timeout;
+            self.earliest = Some(self.earliest.map_or(d, |e| e.min(d)));
             self.map.insert(
                 key,
                 Partial {
@@ -189,12 +195,14 @@ impl Reassembler {
             keep
         });
         self.used -= freed;
+        self.earliest = self.map.values().map(|p| p.deadline).min();
         before - self.map.len()
     }
 
-    /// The earliest deadline.
+    /// The earliest deadline (possibly earlier than any, after completions: `poll` then finds
+    /// nothing to do and recomputes it).
     pub fn next_deadline(&self) -> Option<Duration> {
-        self.map.values().map(|p| p.deadline).min()
+        self.earliest
     }
 }
 

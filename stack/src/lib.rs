@@ -1351,16 +1351,21 @@ impl Stack {
     /// Runs timers: neighbour retries and give-ups, reassembly timeouts.
     pub fn handle_timeout(&mut self, now: Duration) {
         self.tcp_flush();
-        let (again, dead) = self.neigh.poll(now);
-        for (hop, src) in again {
-            self.solicit(now, hop, src);
+        // Each part only when due: this runs whenever anything is (a flush, a TCP timer).
+        if self.neigh.next_deadline().is_some_and(|t| t <= now) {
+            let (again, dead) = self.neigh.poll(now);
+            for (hop, src) in again {
+                self.solicit(now, hop, src);
+            }
+            for f in dead {
+                self.drop(DropReason::NeighborUnreachable);
+                self.recycle(f);
+            }
         }
-        for f in dead {
-            self.drop(DropReason::NeighborUnreachable);
-            self.recycle(f);
-        }
-        for _ in 0..self.reasm.poll(now) {
-            self.drop(DropReason::FragTimeout);
+        if self.reasm.next_deadline().is_some_and(|t| t <= now) {
+            for _ in 0..self.reasm.poll(now) {
+                self.drop(DropReason::FragTimeout);
+            }
         }
         self.tcp_timers(now);
     }

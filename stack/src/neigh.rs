@@ -91,6 +91,9 @@ pub enum Resolve<F = Vec<u8>> {
 pub struct NeighborCache<F = Vec<u8>> {
     cfg: NeighborConfig,
     map: HashMap<IpAddr, Entry<F>>,
+    /// At or before the earliest retry (exact after `poll`): `next_deadline` is asked every
+    /// poll round and must not walk the map.
+    earliest: Option<Duration>,
 }
 
 impl<F> Default for NeighborCache<F> {
@@ -98,6 +101,7 @@ impl<F> Default for NeighborCache<F> {
         NeighborCache {
             cfg: NeighborConfig::default(),
             map: HashMap::new(),
+            earliest: None,
         }
     }
 }
@@ -108,6 +112,7 @@ impl<F: DerefMut<Target = [u8]> + Clone> NeighborCache<F> {
         NeighborCache {
             cfg,
             map: HashMap::new(),
+            earliest: None,
         }
     }
 
@@ -175,6 +180,7 @@ impl<F: DerefMut<Target = [u8]> + Clone> NeighborCache<F> {
                         tries: 1,
                     };
                     Self::keep_copy(e, &frame, self.cfg.pending_bytes);
+                    self.note(now + retry);
                     return Resolve::SendAndSolicit(mac, frame);
                 }
                 State::Stale { mac, .. } => {
@@ -209,7 +215,14 @@ impl<F: DerefMut<Target = [u8]> + Clone> NeighborCache<F> {
             *tries += 1;
             *next_try = now + cfg.retry;
         }
+        let t = *next_try;
+        self.note(t);
         Resolve::Queued { solicit }
+    }
+
+    /// Notes a retry time, for `next_deadline`.
+    fn note(&mut self, t: Duration) {
+        self.earliest = Some(self.earliest.map_or(t, |e| e.min(t)));
     }
 
     /// Keeps a copy of a frame sent to a stale MAC, within the queue's budget.
@@ -288,15 +301,8 @@ impl<F: DerefMut<Target = [u8]> + Clone> NeighborCache<F> {
             }
             _ => true,
         });
-        // The map's order is random per process; sort so that a simulation replays exactly.
-        again.sort();
-        dead.sort_by_key(|d| d.0);
-        (again, dead.into_iter().flat_map(|d| d.1).collect())
-    }
-
-    /// When [`poll`](Self::poll) next has work.
-    pub fn next_deadline(&self) -> Option<Duration> {
-        self.map
+        self.earliest = self
+            .map
             .values()
             .filter_map(|e| match e.state {
                 State::Incomplete { next_try, .. } | State::Stale { next_try, .. } => {
@@ -304,7 +310,17 @@ impl<F: DerefMut<Target = [u8]> + Clone> NeighborCache<F> {
                 }
                 State::Reachable { .. } => None,
             })
-            .min()
+            .min();
+        // The map's order is random per process; sort so that a simulation replays exactly.
+        again.sort();
+        dead.sort_by_key(|d| d.0);
+        (again, dead.into_iter().flat_map(|d| d.1).collect())
+    }
+
+    /// When [`poll`](Self::poll) next has work (possibly earlier: `poll` then finds nothing to
+    /// do and recomputes it).
+    pub fn next_deadline(&self) -> Option<Duration> {
+        self.earliest
     }
 }
 
