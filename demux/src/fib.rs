@@ -8,10 +8,8 @@ use ipnet::IpNet;
 
 use crate::hash::{rendezvous, HashKey};
 use crate::trie::leaf_len;
-use crate::trie::{depth, leaf_group, Key, Trie, NONE};
+use crate::trie::{depth, leaf_group, Key, Lpm, CHUNK, NIL, NONE};
 use crate::types::{BindingId, Flow, ListenerId, PortSpec, Protocol};
-
-const NIL: u32 = u32::MAX;
 
 /// One listener in a reuseport group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -31,7 +29,8 @@ pub struct Member {
 pub struct Group<'a> {
     dst: IpAddr,
     len: u8,
-    rec: &'a GroupRec,
+    ports: PortSpec,
+    rec: &'a Member,
     pool: &'a [Member],
 }
 
@@ -64,16 +63,20 @@ impl<'a> Group<'a> {
     }
     /// The bound ports that matched.
     pub fn ports(&self) -> PortSpec {
-        self.rec.ports
+        self.ports
     }
     /// Members in bind order (never empty).
     #[inline]
     pub fn members(&self) -> &'a [Member] {
         let r = self.rec;
-        if r.len == 1 {
-            std::slice::from_ref(&r.one)
+        if r.binding != POOLED {
+            std::slice::from_ref(r)
         } else {
-            &self.pool[r.start as usize..r.start as usize + usize::from(r.len)]
+            let (start, len) = (
+                (r.listener.0 >> 16) as usize,
+                (r.listener.0 & 0xffff) as usize,
+            );
+            &self.pool[start..start + len]
         }
     }
     /// The member a flow with this keyed hash goes to (see [`HashKey::flow_hash`]).
@@ -87,24 +90,25 @@ impl<'a> Group<'a> {
     }
 }
 
-/// A group: its only member inline (a set of one, the common case, costs one memory access), or
-/// where its members sit in the member pool; and its ports. 32 bytes.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct GroupRec {
-    one: Member,
-    start: u32,
-    len: u16,
-    ports: PortSpec,
-}
+/// The binding id of a group record that is not a member but says where the group's members sit
+/// in the member pool (`listener` = `start << 16 | len`). Binding ids start at 1.
+///
+/// A group record is one [`Member`] (16 bytes): a set of one, the common case, is its own record
+/// and costs one memory access. The group's ports are not stored: a lookup knows which port
+/// selector's trie matched.
+const POOLED: BindingId = BindingId(0);
 
-const NO_MEMBER: Member = Member {
-    binding: BindingId(0),
-    listener: ListenerId(0),
-};
+/// The record of a pooled group.
+fn pooled(start: u32, len: usize) -> Member {
+    Member {
+        binding: POOLED,
+        listener: ListenerId(u64::from(start) << 16 | len as u64),
+    }
+}
 
 /// Port index and tries of one (protocol, family).
 #[derive(Clone, Debug)]
-pub(crate) struct PortTries<K> {
+pub(crate) struct PortTries<K: Key> {
     /// Exact-port index, two levels so that a few bound ports cost 2 KiB rather than 256 KiB:
     /// empty, or 256 entries naming a block of `exact_lo` (NIL: no port of that block is bound).
     exact_hi: Vec<u32>,
@@ -113,14 +117,11 @@ pub(crate) struct PortTries<K> {
     /// `(lo, hi, trie)`, narrowest first.
     ranges: Vec<(u16, u16, u32)>,
     any: u32,
-    tries: Vec<Trie<K>>,
+    tries: Vec<K::Lpm>,
     free: Vec<u32>,
     /// Sum of the tries' footprints.
     footprint: usize,
 }
-
-/// Queries a batched walk keeps in flight together.
-const CHUNK: usize = 64;
 
 /// Below this many bytes of tries, batched lookups run the scalar path: the data mostly sits in
 /// cache and the lanes would only add work (measured on the 1k-100k benchmark tables).
@@ -174,10 +175,10 @@ impl<K: Key> PortTries<K> {
         }
     }
 
-    fn trie_mut(&mut self, ports: PortSpec, dp_bits: u8) -> &mut Trie<K> {
+    fn trie_mut(&mut self, ports: PortSpec, dp_bits: u8) -> &mut K::Lpm {
         let mut id = self.trie_id(ports);
         if id == NIL {
-            let t = Trie::new(dp_bits);
+            let t = K::Lpm::new(dp_bits);
             id = match self.free.pop() {
                 Some(i) => {
                     self.tries[i as usize] = t;
@@ -206,7 +207,7 @@ impl<K: Key> PortTries<K> {
         if id == NIL || self.tries[id as usize].len() > 0 {
             return;
         }
-        self.tries[id as usize] = Trie::new(0);
+        self.tries[id as usize] = K::Lpm::placeholder();
         self.free.push(id);
         match ports {
             PortSpec::Exact(p) => self.set_exact(p, NIL),
@@ -221,7 +222,7 @@ impl<K: Key> PortTries<K> {
     }
 
     fn recount(&mut self) {
-        self.footprint = self.tries.iter().map(Trie::footprint).sum();
+        self.footprint = self.tries.iter().map(Lpm::footprint).sum();
     }
 
     fn remove(&mut self, ports: PortSpec, key: K, len: u8, l: u32, parent: u32) {
@@ -245,7 +246,7 @@ impl<K: Key> PortTries<K> {
             .iter()
             .map(|&(k, len, l)| (conv(k), len, l))
             .collect();
-        let t = Trie::build(dp_bits, &mut e);
+        let t = K::Lpm::build(dp_bits, &mut e);
         let id = self.trie_id(ports);
         if id == NIL {
             *self.trie_mut(ports, dp_bits) = t;
@@ -257,123 +258,88 @@ impl<K: Key> PortTries<K> {
     }
 
     /// Best leaf for `(key, port)` over the exact, range and any-port tries, in precedence order:
-    /// a later candidate must be strictly longer to win.
+    /// a later candidate must be strictly longer to win; with the port selector that gave it.
     #[inline]
-    pub(crate) fn lookup(&self, key: K, port: u16) -> u32 {
+    pub(crate) fn lookup(&self, key: K, port: u16) -> (u32, PortSpec) {
         if port == 0 {
-            return NONE;
+            return (NONE, PortSpec::Any);
         }
         let mut best = NONE;
         let t = self.exact(port);
         if t != NIL {
             best = self.tries[t as usize].lookup(key);
             if self.ranges.is_empty() && self.any == NIL {
-                return best;
+                return (best, PortSpec::Exact(port));
             }
         }
-        self.lookup_rest(key, port, best)
+        self.lookup_rest(key, port, (best, PortSpec::Exact(port)))
     }
 
     #[inline]
-    fn lookup_rest(&self, key: K, port: u16, mut best: u32) -> u32 {
+    fn lookup_rest(&self, key: K, port: u16, mut best: (u32, PortSpec)) -> (u32, PortSpec) {
         for &(lo, hi, t) in &self.ranges {
             if lo <= port && port <= hi {
                 let l = self.tries[t as usize].lookup(key);
-                if depth(l) > depth(best) {
-                    best = l;
+                if depth(l) > depth(best.0) {
+                    best = (l, PortSpec::Range { lo, hi });
                 }
             }
         }
         if self.any != NIL {
             let l = self.tries[self.any as usize].lookup(key);
-            if depth(l) > depth(best) {
-                best = l;
+            if depth(l) > depth(best.0) {
+                best = (l, PortSpec::Any);
             }
         }
         best
     }
 
-    /// Batched [`lookup`](Self::lookup). Walks the exact-port tries level by level over chunks
-    /// of `CHUNK` queries (group prefetching): every visit computes and prefetches what the query
-    /// reads next, then moves on to the next query, so a chunk's cache misses of one level are all
-    /// in flight together and each is served by the time the next level comes back to it. Range
-    /// and any-port candidates are finished after, with the scalar path.
-    pub(crate) fn lookup_batch(&self, keys: &[(K, u16)], out: &mut [u32]) {
-        let n = keys.len().min(out.len());
+    /// Batched [`lookup`](Self::lookup): `out[i]` gets the leaf for `keys[i]`. Returns `false`
+    /// when only exact-port tries exist (every match is then `Exact` of its query's port and
+    /// `ports` is left alone), `true` when `ports[i]` holds the selector of each match.
+    ///
+    /// Walks the exact-port tries over chunks of `CHUNK` queries with the structure's batched walk
+    /// (group prefetching); range and any-port candidates are finished after, with the scalar
+    /// path.
+    pub(crate) fn lookup_batch(
+        &self,
+        keys: &[(K, u16)],
+        out: &mut [u32],
+        ports: &mut [PortSpec],
+    ) -> bool {
+        let n = keys.len().min(out.len()).min(ports.len());
+        let rest = !self.ranges.is_empty() || self.any != NIL;
         if self.footprint < CACHE_RESIDENT {
             // Everything sits in cache: prefetching only adds work.
-            for (o, &(k, port)) in out[..n].iter_mut().zip(keys) {
-                *o = self.lookup(k, port);
+            if rest {
+                for ((o, p), &(k, port)) in out[..n].iter_mut().zip(&mut ports[..n]).zip(keys) {
+                    (*o, *p) = self.lookup(k, port);
+                }
+            } else {
+                for (o, &(k, port)) in out[..n].iter_mut().zip(keys) {
+                    *o = self.lookup(k, port).0;
+                }
             }
-            return;
+            return rest;
         }
+        let mut tid = [NIL; CHUNK];
+        let mut kk = [K::default(); CHUNK];
         for (k, o) in keys[..n].chunks(CHUNK).zip(out[..n].chunks_mut(CHUNK)) {
-            self.walk_chunk(k, o);
+            for (i, &(key, port)) in k.iter().enumerate() {
+                tid[i] = if port == 0 { NIL } else { self.exact(port) };
+                kk[i] = key;
+            }
+            K::Lpm::walk_chunk(&self.tries, &tid[..k.len()], &kk[..k.len()], o);
         }
-        if !self.ranges.is_empty() || self.any != NIL {
+        if rest {
             for (i, &(k, port)) in keys[..n].iter().enumerate() {
+                ports[i] = PortSpec::Exact(port);
                 if port != 0 {
-                    out[i] = self.lookup_rest(k, port, out[i]);
+                    (out[i], ports[i]) = self.lookup_rest(k, port, (out[i], ports[i]));
                 }
             }
         }
-    }
-
-    /// Exact-port walks of up to `CHUNK` queries, one trie level at a time.
-    #[inline]
-    fn walk_chunk(&self, keys: &[(K, u16)], out: &mut [u32]) {
-        debug_assert!(keys.len() <= CHUNK && out.len() == keys.len());
-        let mut trie = [0u32; CHUNK];
-        let mut default = [NONE; CHUNK];
-        let mut at = [0u32; CHUNK];
-        let mut off = [0u8; CHUNK];
-        // Queries still walking nodes, and those whose walk ended on a leaf (compacted without
-        // branches: every entry is written, the count advances by the outcome).
-        let mut walking = [0u8; CHUNK];
-        let mut leaf = [0u8; CHUNK];
-        let (mut nw, mut nl) = (0, 0);
-        for (i, (&(k, port), o)) in keys.iter().zip(out.iter_mut()).enumerate() {
-            *o = NONE;
-            let t = if port == 0 { NIL } else { self.exact(port) };
-            if t != NIL {
-                self.tries[t as usize].prefetch_root(k);
-                trie[i] = t;
-                walking[nw] = i as u8;
-                nw += 1;
-            }
-        }
-        let mut next = 0;
-        for j in 0..nw {
-            let i = usize::from(walking[j]);
-            let (d, o, child, x) = self.tries[trie[i] as usize].step_root(keys[i].0);
-            default[i] = d;
-            off[i] = o;
-            at[i] = x;
-            walking[next] = i as u8;
-            leaf[nl] = i as u8;
-            next += usize::from(child);
-            nl += usize::from(!child);
-        }
-        nw = next;
-        while nw > 0 {
-            next = 0;
-            for j in 0..nw {
-                let i = usize::from(walking[j]);
-                let (child, x) = self.tries[trie[i] as usize].step_node(keys[i].0, at[i], off[i]);
-                at[i] = x;
-                off[i] = Trie::<K>::next_off(off[i]);
-                walking[next] = i as u8;
-                leaf[nl] = i as u8;
-                next += usize::from(child);
-                nl += usize::from(!child);
-            }
-            nw = next;
-        }
-        for &i in &leaf[..nl] {
-            let i = usize::from(i);
-            let l = self.tries[trie[i] as usize].step_leaf(at[i]);
-            out[i] = if l == NONE { default[i] } else { l };
-        }
+        rest
     }
 
     /// Every trie consulted for `port`, in precedence order, with the leaf each gives.
@@ -408,7 +374,7 @@ impl<K: Key> PortTries<K> {
             + self
                 .tries
                 .iter()
-                .map(|t| t.heap_bytes() + std::mem::size_of::<Trie<K>>())
+                .map(|t| t.heap_bytes() + std::mem::size_of::<K::Lpm>())
                 .sum::<usize>()
     }
 }
@@ -424,7 +390,7 @@ pub(crate) enum AddrKey {
 #[derive(Debug)]
 pub(crate) enum Op {
     /// Sets a group's members (empty: the group is gone).
-    SetGroup(u32, PortSpec, Vec<Member>),
+    SetGroup(u32, Vec<Member>),
     Insert {
         protocol: Protocol,
         ports: PortSpec,
@@ -456,7 +422,7 @@ pub(crate) enum Op {
 pub struct Fib {
     pub(crate) v4: [PortTries<u32>; 2],
     pub(crate) v6: [PortTries<u128>; 2],
-    groups: Vec<GroupRec>,
+    groups: Vec<Member>,
     members: Vec<Member>,
     free_members: Vec<Vec<u32>>,
     pub(crate) key: HashKey,
@@ -484,7 +450,7 @@ impl Fib {
 
     pub(crate) fn apply(&mut self, op: &Op) {
         match op {
-            Op::SetGroup(g, ports, members) => self.set_group(*g, *ports, members),
+            Op::SetGroup(g, members) => self.set_group(*g, members),
             Op::Insert {
                 protocol,
                 ports,
@@ -524,35 +490,39 @@ impl Fib {
         }
     }
 
-    fn set_group(&mut self, g: u32, ports: PortSpec, members: &[Member]) {
+    /// Room for `n` group records without regrowing (bulk builds: exact size).
+    pub(crate) fn reserve_groups(&mut self, n: usize) {
+        self.groups
+            .reserve_exact(n.saturating_sub(self.groups.len()));
+    }
+
+    fn set_group(&mut self, g: u32, members: &[Member]) {
         let g = g as usize;
         if self.groups.len() <= g {
-            self.groups.resize(
-                g + 1,
-                GroupRec {
-                    one: NO_MEMBER,
-                    start: 0,
-                    len: 0,
-                    ports,
-                },
-            );
+            self.groups.resize(g + 1, pooled(0, 0));
         }
         let old = self.groups[g];
+        let old_len = if old.binding == POOLED {
+            (old.listener.0 & 0xffff) as usize
+        } else {
+            1
+        };
+        let old_start = (old.listener.0 >> 16) as u32;
         let n = members.len();
-        // Sets of one live inline in the record; larger ones in the pool.
-        let (old_pooled, pooled) = (old.len > 1, n > 1);
-        let start = if old_pooled && pooled && usize::from(old.len) == n {
-            old.start
+        // Sets of one are their own record; larger ones live in the pool.
+        let (old_pooled, pooled_now) = (old_len > 1, n > 1);
+        let start = if old_pooled && pooled_now && old_len == n {
+            old_start
         } else {
             if old_pooled {
                 if self.free_members.is_empty() {
                     self.free_members.resize(65, Vec::new());
                 }
-                if let Some(list) = self.free_members.get_mut(usize::from(old.len)) {
-                    list.push(old.start);
+                if let Some(list) = self.free_members.get_mut(old_len) {
+                    list.push(old_start);
                 }
             }
-            if pooled {
+            if pooled_now {
                 match self.free_members.get_mut(n).and_then(Vec::pop) {
                     Some(at) => at,
                     None => {
@@ -564,24 +534,20 @@ impl Fib {
                 0
             }
         };
-        if pooled {
+        if pooled_now {
             self.members[start as usize..start as usize + n].copy_from_slice(members);
         }
-        self.groups[g] = GroupRec {
-            one: if n == 1 { members[0] } else { NO_MEMBER },
-            start,
-            len: n as u16,
-            ports,
-        };
+        self.groups[g] = if n == 1 { members[0] } else { pooled(start, n) };
     }
 
-    /// The group a leaf points to (`leaf != NONE`); `dst` gives the matched prefix. Reads no
-    /// group record.
+    /// The group a leaf points to (`leaf != NONE`) through the trie of `ports`; `dst` gives the
+    /// matched prefix. Reads no group record.
     #[inline]
-    pub(crate) fn group(&self, leaf: u32, dst: IpAddr) -> Group<'_> {
+    pub(crate) fn group(&self, leaf: u32, ports: PortSpec, dst: IpAddr) -> Group<'_> {
         Group {
             dst,
             len: leaf_len(leaf),
+            ports,
             rec: &self.groups[leaf_group(leaf) as usize],
             pool: &self.members,
         }
@@ -589,24 +555,36 @@ impl Fib {
 
     #[inline]
     pub(crate) fn lookup_v4(&self, p: Protocol, dst: Ipv4Addr, port: u16) -> Option<Group<'_>> {
-        let l = self.v4[pi(p)].lookup(u32::from(dst), port);
-        (l != NONE).then(|| self.group(l, dst.into()))
+        let (l, ports) = self.v4[pi(p)].lookup(u32::from(dst), port);
+        (l != NONE).then(|| self.group(l, ports, dst.into()))
     }
 
     #[inline]
     pub(crate) fn lookup_v6(&self, p: Protocol, dst: Ipv6Addr, port: u16) -> Option<Group<'_>> {
-        let l = self.v6[pi(p)].lookup(u128::from(dst), port);
-        (l != NONE).then(|| self.group(l, dst.into()))
+        let (l, ports) = self.v6[pi(p)].lookup(u128::from(dst), port);
+        (l != NONE).then(|| self.group(l, ports, dst.into()))
     }
 
     /// Batched lookup.
-    pub(crate) fn lookup_batch_v4(&self, p: Protocol, q: &[(u32, u16)], out: &mut [u32]) {
-        self.v4[pi(p)].lookup_batch(q, out);
+    pub(crate) fn lookup_batch_v4(
+        &self,
+        p: Protocol,
+        q: &[(u32, u16)],
+        out: &mut [u32],
+        ports: &mut [PortSpec],
+    ) -> bool {
+        self.v4[pi(p)].lookup_batch(q, out, ports)
     }
 
     /// Batched lookup.
-    pub(crate) fn lookup_batch_v6(&self, p: Protocol, q: &[(u128, u16)], out: &mut [u32]) {
-        self.v6[pi(p)].lookup_batch(q, out);
+    pub(crate) fn lookup_batch_v6(
+        &self,
+        p: Protocol,
+        q: &[(u128, u16)],
+        out: &mut [u32],
+        ports: &mut [PortSpec],
+    ) -> bool {
+        self.v6[pi(p)].lookup_batch(q, out, ports)
     }
 
     pub(crate) fn candidates(&self, p: Protocol, flow: &Flow) -> Vec<(PortSpec, u32)> {
@@ -624,7 +602,7 @@ impl Fib {
 
     /// Heap bytes of the group records and the member pool.
     pub(crate) fn group_bytes(&self) -> usize {
-        self.groups.capacity() * std::mem::size_of::<GroupRec>()
+        self.groups.capacity() * std::mem::size_of::<Member>()
             + self.members.capacity() * std::mem::size_of::<Member>()
             + self
                 .free_members
@@ -683,7 +661,7 @@ mod tests {
     #[test]
     fn batched_lanes_agree_with_scalar_on_a_large_table() {
         let mut t = PortTries::<u32>::default();
-        let exact = random_entries(200_000, 1, 0);
+        let exact = random_entries(300_000, 1, 0);
         t.rebuild(PortSpec::Exact(80), 16, &exact, |k| k as u32);
         t.rebuild(
             PortSpec::Range { lo: 80, hi: 90 },
@@ -708,9 +686,14 @@ mod tests {
             q.push((key, [80u16, 80, 80, 85, 0, 443][i % 6]));
         }
         let mut out = vec![0; q.len()];
-        t.lookup_batch(&q, &mut out);
+        let mut ports = vec![PortSpec::Any; q.len()];
+        assert!(t.lookup_batch(&q, &mut out, &mut ports));
         for (i, &(k, port)) in q.iter().enumerate() {
-            assert_eq!(out[i], t.lookup(k, port), "{k:#x}:{port}");
+            let (l, p) = t.lookup(k, port);
+            assert_eq!(out[i], l, "{k:#x}:{port}");
+            if l != NONE {
+                assert_eq!(ports[i], p, "{k:#x}:{port}");
+            }
         }
         assert!(out.iter().filter(|&&l| l != NONE).count() > 40_000);
     }

@@ -19,10 +19,13 @@
 //! assert_eq!(hit.listener, ListenerId(2)); // the /24 is longer than the /16
 //! ```
 //!
-//! The data path reads a compact poptrie-style structure through wait-free [`DemuxReader`]s; the
+//! The data path reads compact longest-prefix-match structures (IPv4: a direct table and sorted
+//! range blocks, after DXR; IPv6: a poptrie-style trie, path-compressed over the bits a clustered
+//! table shares) through wait-free [`DemuxReader`]s; the
 //! single writer ([`Demux`]) validates, checks conflicts and publishes edits (see [`Demux`]).
 #![warn(missing_docs)]
 
+mod dxr;
 mod fib;
 mod hash;
 pub mod model;

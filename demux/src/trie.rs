@@ -1,4 +1,6 @@
-//! The data-path longest-prefix-match structure: a poptrie-style multibit trie.
+//! The IPv6 longest-prefix-match structure (a poptrie-style multibit trie, with an anchor for
+//! clustered tables: see [`Anchored`]), the leaf encoding, and the [`Lpm`] interface the port index
+//! uses for both families (IPv4 uses [`crate::dxr::Dxr`]).
 //!
 //! Layout (after Asai & Ohara, "Poptrie", SIGCOMM 2015, algorithm only):
 //! - a direct-pointing array indexed by the top `dp_bits` of the address; each entry (32 bytes)
@@ -18,6 +20,38 @@
 
 /// Leaf meaning "nothing matched at this level".
 pub(crate) const NONE: u32 = 0;
+
+/// "No trie" in trie-id lists.
+pub(crate) const NIL: u32 = u32::MAX;
+
+/// Queries a batched walk keeps in flight together.
+pub(crate) const CHUNK: usize = 64;
+
+/// What the port index needs of a longest-prefix-match structure over keys `K`.
+pub(crate) trait Lpm<K>: Clone + std::fmt::Debug + Send + Sync + 'static {
+    /// An empty structure with `dp_bits` direct-pointing bits.
+    fn new(dp_bits: u8) -> Self;
+    /// A structure that holds nothing and allocates nothing.
+    fn placeholder() -> Self;
+    /// A compact structure built in bulk from `(key, len, leaf)` entries.
+    fn build(dp_bits: u8, entries: &mut [(K, u8, u32)]) -> Self;
+    /// Number of prefixes.
+    fn len(&self) -> usize;
+    /// Adds a prefix (`key` with host bits clear) whose leaf is `l`.
+    fn insert(&mut self, key: K, len: u8, l: u32);
+    /// Removes the prefix inserted with leaf `l`; `parent` is the leaf of the longest remaining
+    /// prefix strictly covering it (`NONE` if none).
+    fn remove(&mut self, key: K, len: u8, l: u32, parent: u32);
+    /// Longest match for `key` (`NONE` if none).
+    fn lookup(&self, key: K) -> u32;
+    /// Bytes a lookup may touch.
+    fn footprint(&self) -> usize;
+    /// Heap bytes held.
+    fn heap_bytes(&self) -> usize;
+    /// Batched lookups of up to `CHUNK` queries: `out[i]` = `tries[tid[i]].lookup(keys[i])`,
+    /// `NONE` where `tid[i]` is `NIL`.
+    fn walk_chunk(tries: &[Self], tid: &[u32], keys: &[K], out: &mut [u32]);
+}
 
 /// Encodes a group index and prefix length as a leaf.
 #[inline]
@@ -48,25 +82,54 @@ pub(crate) fn depth(leaf: u32) -> i32 {
 }
 
 /// An address as a fixed-width big-endian bit string.
-pub(crate) trait Key: Copy + Ord + Send + Sync + 'static {
+pub(crate) trait Key:
+    Copy + Ord + Default + std::fmt::Debug + Send + Sync + 'static
+{
     const BITS: u8;
+    /// The LPM structure used for this family.
+    type Lpm: Lpm<Self>;
     /// `n` (1..=16) bits starting `off` bits from the most significant end.
     fn bits(self, off: u8, n: u8) -> usize;
+    /// Number of leading bits `self` and `other` share.
+    fn common_len(self, other: Self) -> u8;
+    /// `self` with its low `bits` bits cleared.
+    fn masked_top(self, bits: u32) -> Self;
+    /// Do `self` and `other` share their top `len` bits?
+    #[inline(always)]
+    fn same_top(self, other: Self, len: u8) -> bool {
+        self.common_len(other) >= len
+    }
 }
 
 impl Key for u32 {
     const BITS: u8 = 32;
+    type Lpm = crate::dxr::Dxr;
     #[inline(always)]
     fn bits(self, off: u8, n: u8) -> usize {
         ((self << off) >> (32 - n)) as usize
+    }
+    #[inline(always)]
+    fn common_len(self, other: Self) -> u8 {
+        (self ^ other).leading_zeros() as u8
+    }
+    fn masked_top(self, bits: u32) -> Self {
+        self.checked_shr(bits).map_or(0, |v| v << bits)
     }
 }
 
 impl Key for u128 {
     const BITS: u8 = 128;
+    type Lpm = Anchored<u128>;
     #[inline(always)]
     fn bits(self, off: u8, n: u8) -> usize {
         ((self << off) >> (128 - n)) as usize
+    }
+    #[inline(always)]
+    fn common_len(self, other: Self) -> u8 {
+        (self ^ other).leading_zeros() as u8
+    }
+    fn masked_top(self, bits: u32) -> Self {
+        self.checked_shr(bits).map_or(0, |v| v << bits)
     }
 }
 
@@ -130,6 +193,9 @@ pub(crate) fn prefetch<T>(p: *const T) {
 #[derive(Clone, Debug)]
 pub(crate) struct Trie<K> {
     dp_bits: u8,
+    /// Bits above the direct-pointing index that every key of this trie shares (see
+    /// [`Anchored`]): the array indexes bits `skip..skip + dp_bits`.
+    skip: u8,
     roots: Vec<Root>,
     nodes: Vec<Node>,
     /// Leaf runs; index 0 is a permanent `NONE` that empty roots point at.
@@ -142,9 +208,16 @@ pub(crate) struct Trie<K> {
 
 impl<K: Key> Trie<K> {
     pub(crate) fn new(dp_bits: u8) -> Self {
-        assert!(dp_bits <= 16 && dp_bits < K::BITS);
+        Self::new_at(dp_bits, 0)
+    }
+
+    /// An empty trie whose direct-pointing array indexes bits `skip..skip + dp_bits`: only keys
+    /// whose top `skip` bits are those of the trie's anchor may be inserted or looked up.
+    pub(crate) fn new_at(dp_bits: u8, skip: u8) -> Self {
+        assert!(dp_bits <= 16 && u32::from(skip) + u32::from(dp_bits) < u32::from(K::BITS));
         Trie {
             dp_bits,
+            skip,
             roots: vec![
                 Root {
                     node: EMPTY,
@@ -159,11 +232,6 @@ impl<K: Key> Trie<K> {
             prefixes: 0,
             _k: std::marker::PhantomData,
         }
-    }
-
-    /// Number of prefixes inserted.
-    pub(crate) fn len(&self) -> usize {
-        self.prefixes
     }
 
     /// Bytes of heap the structure holds (capacity, including recycled blocks).
@@ -184,8 +252,14 @@ impl<K: Key> Trie<K> {
         if self.dp_bits == 0 {
             0
         } else {
-            key.bits(0, self.dp_bits)
+            key.bits(self.skip, self.dp_bits)
         }
+    }
+
+    /// Bit offset of the first level below the direct-pointing array.
+    #[inline(always)]
+    fn top(&self) -> u8 {
+        self.skip + self.dp_bits
     }
 
     /// Bytes a lookup may touch (direct-pointing array, nodes, leaves): decides whether batching
@@ -201,7 +275,7 @@ impl<K: Key> Trie<K> {
     pub(crate) fn lookup(&self, key: K) -> u32 {
         let r = &self.roots[self.slot(key)];
         let mut n = &r.node;
-        let mut off = self.dp_bits;
+        let mut off = self.top();
         loop {
             let s = stride::<K>(off);
             let v = key.bits(off, s);
@@ -249,13 +323,9 @@ impl<K: Key> Trie<K> {
     #[inline(always)]
     pub(crate) fn step_root(&self, key: K) -> (u32, u8, bool, u32) {
         let r = &self.roots[self.slot(key)];
-        let (child, i) = self.visit(&r.node, key, self.dp_bits);
-        (
-            r.default,
-            self.dp_bits + stride::<K>(self.dp_bits),
-            child,
-            i,
-        )
+        let top = self.top();
+        let (child, i) = self.visit(&r.node, key, top);
+        (r.default, top + stride::<K>(top), child, i)
     }
 
     /// A later step of a batched walk: reads node `idx` at bit offset `off`.
@@ -274,6 +344,81 @@ impl<K: Key> Trie<K> {
     #[inline(always)]
     pub(crate) fn step_leaf(&self, at: u32) -> u32 {
         self.leaves[at as usize]
+    }
+
+    /// Batched walk (see [`Lpm::walk_chunk`]), one trie level at a time (group prefetching):
+    /// every visit computes and prefetches what the query reads next, then moves on to the next
+    /// query, so a chunk's cache misses of one level are all in flight together.
+    pub(crate) fn walk_chunk(tries: &[Self], tid: &[u32], keys: &[K], out: &mut [u32]) {
+        Self::walk_with(
+            |i| (tid[i] != NIL).then(|| &tries[tid[i] as usize]),
+            keys,
+            out,
+        );
+    }
+
+    /// Batched walk of up to `CHUNK` queries: query `i` looks `keys[i]` up in `pick(i)` (none:
+    /// `NONE`).
+    #[inline(always)]
+    pub(crate) fn walk_with<'a>(
+        pick: impl Fn(usize) -> Option<&'a Self>,
+        keys: &[K],
+        out: &mut [u32],
+    ) where
+        K: 'a,
+    {
+        let n = keys.len().min(out.len());
+        debug_assert!(n <= CHUNK);
+        let mut trie: [Option<&Self>; CHUNK] = [None; CHUNK];
+        let mut default = [NONE; CHUNK];
+        let mut at = [0u32; CHUNK];
+        let mut off = [0u8; CHUNK];
+        // Queries still walking nodes, and those whose walk ended on a leaf (compacted without
+        // branches: every entry is written, the count advances by the outcome).
+        let mut walking = [0u8; CHUNK];
+        let mut leaf = [0u8; CHUNK];
+        let (mut nw, mut nl) = (0, 0);
+        for i in 0..n {
+            out[i] = NONE;
+            trie[i] = pick(i);
+            if let Some(t) = trie[i] {
+                t.prefetch_root(keys[i]);
+                walking[nw] = i as u8;
+                nw += 1;
+            }
+        }
+        let mut next = 0;
+        for j in 0..nw {
+            let i = usize::from(walking[j]);
+            let (d, o, child, x) = trie[i].expect("walking").step_root(keys[i]);
+            default[i] = d;
+            off[i] = o;
+            at[i] = x;
+            walking[next] = i as u8;
+            leaf[nl] = i as u8;
+            next += usize::from(child);
+            nl += usize::from(!child);
+        }
+        nw = next;
+        while nw > 0 {
+            next = 0;
+            for j in 0..nw {
+                let i = usize::from(walking[j]);
+                let (child, x) = trie[i].expect("walking").step_node(keys[i], at[i], off[i]);
+                at[i] = x;
+                off[i] = Self::next_off(off[i]);
+                walking[next] = i as u8;
+                leaf[nl] = i as u8;
+                next += usize::from(child);
+                nl += usize::from(!child);
+            }
+            nw = next;
+        }
+        for &i in &leaf[..nl] {
+            let i = usize::from(i);
+            let l = trie[i].expect("walking").step_leaf(at[i]);
+            out[i] = if l == NONE { default[i] } else { l };
+        }
     }
 
     // ---- updates -------------------------------------------------------------------------
@@ -479,7 +624,7 @@ impl<K: Key> Trie<K> {
     /// creating the path down to its level. Returns the path for later collapsing.
     fn rewrite_prefix(&mut self, key: K, len: u8, f: impl Fn(u32) -> u32) -> Vec<(u32, u8, usize)> {
         let mut idx = ROOT | self.slot(key) as u32;
-        let mut off = self.dp_bits;
+        let mut off = self.top();
         let mut path = Vec::new();
         loop {
             let s = stride::<K>(off);
@@ -516,20 +661,30 @@ impl<K: Key> Trie<K> {
         }
     }
 
-    /// Range of direct-pointing slots covered by a prefix of length `len <= dp_bits`.
+    /// Range of direct-pointing slots covered by a prefix of length `len <= skip + dp_bits`
+    /// (all of them when `len <= skip`: such a prefix covers the anchor).
     fn slots(&self, key: K, len: u8) -> std::ops::Range<usize> {
+        if len <= self.skip {
+            return 0..1 << self.dp_bits;
+        }
         let first = self.slot(key);
-        first..first + (1usize << (self.dp_bits - len))
+        first..first + (1usize << (self.top() - len))
     }
 
     /// Builds a compact trie from `(key, len, leaf)` entries in one pass: every block is allocated
     /// once, at its exact size, with no garbage (used for whole-table replacement and resizes).
     pub(crate) fn build(dp_bits: u8, entries: &mut [(K, u8, u32)]) -> Self {
-        let mut t = Trie::new(dp_bits);
+        Self::build_at(dp_bits, 0, entries)
+    }
+
+    /// [`build`](Self::build) for a trie indexing bits `skip..skip + dp_bits` (see
+    /// [`new_at`](Self::new_at)).
+    pub(crate) fn build_at(dp_bits: u8, skip: u8, entries: &mut [(K, u8, u32)]) -> Self {
+        let mut t = Trie::new_at(dp_bits, skip);
+        let top = t.top();
         t.prefixes = entries.len();
         // Short prefixes fill direct-pointing defaults, shortest first so longer ones overwrite.
-        let mut short: Vec<(K, u8, u32)> =
-            entries.iter().copied().filter(|e| e.1 <= dp_bits).collect();
+        let mut short: Vec<(K, u8, u32)> = entries.iter().copied().filter(|e| e.1 <= top).collect();
         short.sort_by_key(|e| e.1);
         for (k, len, l) in short {
             for i in t.slots(k, len) {
@@ -538,14 +693,14 @@ impl<K: Key> Trie<K> {
         }
         entries.sort_unstable_by_key(|e| (e.0, e.1));
         let mut rest = &entries[..];
-        while let Some(first) = rest.iter().position(|e| e.1 > dp_bits) {
+        while let Some(first) = rest.iter().position(|e| e.1 > top) {
             rest = &rest[first..];
             let slot = t.slot(rest[0].0);
             let end = rest
                 .iter()
                 .position(|e| t.slot(e.0) != slot)
                 .unwrap_or(rest.len());
-            t.build_node(ROOT | slot as u32, &rest[..end], dp_bits, NONE);
+            t.build_node(ROOT | slot as u32, &rest[..end], top, NONE);
             rest = &rest[end..];
         }
         t.nodes.shrink_to_fit();
@@ -604,7 +759,7 @@ impl<K: Key> Trie<K> {
         debug_assert!(len <= K::BITS && depth(l) == i32::from(len));
         self.prefixes += 1;
         let better = move |cur: u32| if depth(cur) < i32::from(len) { l } else { cur };
-        if len <= self.dp_bits {
+        if len <= self.top() {
             for i in self.slots(key, len) {
                 self.roots[i].default = better(self.roots[i].default);
             }
@@ -617,7 +772,7 @@ impl<K: Key> Trie<K> {
     /// prefix strictly covering it (`NONE` if none).
     pub(crate) fn remove(&mut self, key: K, len: u8, l: u32, parent: u32) {
         self.prefixes -= 1;
-        if len <= self.dp_bits {
+        if len <= self.top() {
             for i in self.slots(key, len) {
                 if self.roots[i].default == l {
                     self.roots[i].default = parent;
@@ -626,7 +781,7 @@ impl<K: Key> Trie<K> {
             return;
         }
         // Inside subtrees, prefixes no longer than dp_bits live in the direct-pointing default.
-        let inner = if depth(parent) > i32::from(self.dp_bits) {
+        let inner = if depth(parent) > i32::from(self.top()) {
             parent
         } else {
             NONE
@@ -637,6 +792,207 @@ impl<K: Key> Trie<K> {
             let (parent_idx, s, p) = w[0];
             self.try_collapse(parent_idx, s, p);
         }
+    }
+}
+
+impl<K: Key> Lpm<K> for Trie<K> {
+    fn new(dp_bits: u8) -> Self {
+        Trie::new(dp_bits)
+    }
+    fn placeholder() -> Self {
+        Trie::new(0)
+    }
+    fn build(dp_bits: u8, entries: &mut [(K, u8, u32)]) -> Self {
+        Trie::build(dp_bits, entries)
+    }
+    fn len(&self) -> usize {
+        self.prefixes
+    }
+    fn insert(&mut self, key: K, len: u8, l: u32) {
+        Trie::insert(self, key, len, l)
+    }
+    fn remove(&mut self, key: K, len: u8, l: u32, parent: u32) {
+        Trie::remove(self, key, len, l, parent)
+    }
+    #[inline]
+    fn lookup(&self, key: K) -> u32 {
+        Trie::lookup(self, key)
+    }
+    fn footprint(&self) -> usize {
+        Trie::footprint(self)
+    }
+    fn heap_bytes(&self) -> usize {
+        Trie::heap_bytes(self)
+    }
+    fn walk_chunk(tries: &[Self], tid: &[u32], keys: &[K], out: &mut [u32]) {
+        Trie::walk_chunk(tries, tid, keys, out)
+    }
+}
+
+/// Smallest number of prefixes for which a trie looks for an anchor.
+const ANCHOR_MIN: usize = 1024;
+/// Share of prefixes (in tenths) that must lie under the anchor.
+const ANCHOR_SHARE: usize = 9;
+/// Shortest anchor worth its check: a shorter one saves no trie level.
+const ANCHOR_MIN_BITS: u8 = 8;
+/// Longest anchor considered.
+const ANCHOR_MAX_BITS: u8 = 64;
+
+/// A poptrie whose direct-pointing array starts below a long prefix most keys share (path
+/// compression of the top of the trie).
+///
+/// Clustered IPv6 tables (sites under a few `/32`s of one `/25`, say) put every prefix into one
+/// slot of a 16-bit array indexed from bit 0, and their walks then spend five or six levels on
+/// bits they all share. When the table is built (and rebuilt at resizes), the longest prefix
+/// (the *anchor*, `skip` bits, at least 8) under which 90 % of the prefixes lie is found; the
+/// `inside` trie's array indexes bits `skip..skip + dp_bits` and holds those prefixes, plus, as
+/// defaults of every slot, the prefixes that cover the anchor. Everything else (prefixes outside
+/// the anchor, and again those that cover it) lives in the ordinary `outside` trie. A lookup
+/// compares the key's top `skip` bits with the anchor and walks one of the two. Inserts and
+/// removals are routed the same way, so the anchor stays fixed until the next rebuild.
+#[derive(Clone, Debug)]
+pub(crate) struct Anchored<K> {
+    skip: u8,
+    anchor: K,
+    inside: Trie<K>,
+    outside: Trie<K>,
+    prefixes: usize,
+}
+
+impl<K: Key> Anchored<K> {
+    /// Which tries hold a prefix: `(inside, outside)`.
+    #[inline]
+    fn route(&self, key: K, len: u8) -> (bool, bool) {
+        if self.skip == 0 {
+            (true, false)
+        } else if len <= self.skip {
+            (key.same_top(self.anchor, len), true)
+        } else {
+            let inside = key.same_top(self.anchor, self.skip);
+            (inside, !inside)
+        }
+    }
+
+    /// The trie a key is looked up in.
+    #[inline(always)]
+    fn trie(&self, key: K) -> &Trie<K> {
+        if key.same_top(self.anchor, self.skip) {
+            &self.inside
+        } else {
+            &self.outside
+        }
+    }
+
+    /// The anchor of a set of prefixes: `(skip, anchor)`, `skip` 0 for none.
+    fn choose_anchor(dp_bits: u8, entries: &[(K, u8, u32)]) -> (u8, K) {
+        let n = entries.len();
+        if n < ANCHOR_MIN {
+            return (0, K::default());
+        }
+        let mut keys: Vec<K> = entries.iter().map(|e| e.0).collect();
+        let (_, &mut median, _) = keys.select_nth_unstable(n / 2);
+        let max = ANCHOR_MAX_BITS.min(K::BITS - dp_bits - 1);
+        // hist[v]: prefixes that fit under an anchor of up to v bits (longer than it, inside it).
+        let mut hist = vec![0usize; usize::from(max) + 1];
+        for &(k, len, _) in entries {
+            if len > 0 {
+                let v = (len - 1).min(k.common_len(median)).min(max);
+                hist[usize::from(v)] += 1;
+            }
+        }
+        let mut fit = 0;
+        for skip in (ANCHOR_MIN_BITS..=max).rev() {
+            fit += hist[usize::from(skip)];
+            if fit * 10 >= n * ANCHOR_SHARE {
+                let mask_len = u32::from(K::BITS - skip);
+                return (skip, median.masked_top(mask_len));
+            }
+        }
+        (0, K::default())
+    }
+}
+
+impl<K: Key> Lpm<K> for Anchored<K> {
+    fn new(dp_bits: u8) -> Self {
+        Anchored {
+            skip: 0,
+            anchor: K::default(),
+            inside: Trie::new(dp_bits),
+            outside: Trie::new(0),
+            prefixes: 0,
+        }
+    }
+    fn placeholder() -> Self {
+        Self::new(0)
+    }
+    fn build(dp_bits: u8, entries: &mut [(K, u8, u32)]) -> Self {
+        let (skip, anchor) = Self::choose_anchor(dp_bits, entries);
+        let mut t = Anchored {
+            skip,
+            anchor,
+            inside: Trie::new(0),
+            outside: Trie::new(0),
+            prefixes: entries.len(),
+        };
+        let (mut ins, mut outs) = (Vec::new(), Vec::new());
+        for &e in entries.iter() {
+            let (i, o) = t.route(e.0, e.1);
+            if i {
+                ins.push(e);
+            }
+            if o {
+                outs.push(e);
+            }
+        }
+        t.inside = Trie::build_at(dp_bits, skip, &mut ins);
+        let out_dp = match outs.len() {
+            0 => 0,
+            n if n >= 16384 => 16,
+            n if n >= 1024 => 14,
+            _ => 8,
+        };
+        t.outside = Trie::build(out_dp, &mut outs);
+        t
+    }
+    fn len(&self) -> usize {
+        self.prefixes
+    }
+    fn insert(&mut self, key: K, len: u8, l: u32) {
+        self.prefixes += 1;
+        let (i, o) = self.route(key, len);
+        if i {
+            self.inside.insert(key, len, l);
+        }
+        if o {
+            self.outside.insert(key, len, l);
+        }
+    }
+    fn remove(&mut self, key: K, len: u8, l: u32, parent: u32) {
+        self.prefixes -= 1;
+        let (i, o) = self.route(key, len);
+        if i {
+            self.inside.remove(key, len, l, parent);
+        }
+        if o {
+            self.outside.remove(key, len, l, parent);
+        }
+    }
+    #[inline]
+    fn lookup(&self, key: K) -> u32 {
+        self.trie(key).lookup(key)
+    }
+    fn footprint(&self) -> usize {
+        self.inside.footprint() + self.outside.footprint()
+    }
+    fn heap_bytes(&self) -> usize {
+        self.inside.heap_bytes() + self.outside.heap_bytes()
+    }
+    fn walk_chunk(tries: &[Self], tid: &[u32], keys: &[K], out: &mut [u32]) {
+        Trie::walk_with(
+            |i| (tid[i] != NIL).then(|| tries[tid[i] as usize].trie(keys[i])),
+            keys,
+            out,
+        );
     }
 }
 
@@ -714,7 +1070,132 @@ mod tests {
                 && r.node.leafvec == 0
                 && r.node.base0 == EMPTY.base0
                 && r.default == NONE));
-            assert_eq!(t.len(), 0);
+            assert_eq!(Lpm::len(&t), 0);
         }
+    }
+
+    fn naive6(prefixes: &[(u128, u8, u32)], key: u128) -> u32 {
+        prefixes
+            .iter()
+            .filter(|&&(k, len, _)| key.same_top(k, len))
+            .max_by_key(|&&(_, len, _)| len)
+            .map_or(NONE, |&(_, _, l)| l)
+    }
+
+    fn mask6(k: u128, len: u8) -> u128 {
+        k.masked_top(u32::from(128 - len))
+    }
+
+    fn check6(t: &Anchored<u128>, set: &[(u128, u8, u32)], probes: &[u128]) {
+        let mut out = vec![0u32; probes.len()];
+        for (c, o) in probes.chunks(CHUNK).zip(out.chunks_mut(CHUNK)) {
+            Anchored::walk_chunk(std::slice::from_ref(t), &[0; CHUNK][..c.len()], c, o);
+        }
+        for (i, &key) in probes.iter().enumerate() {
+            let want = naive6(set, key);
+            assert_eq!(t.lookup(key), want, "skip {} key {key:#x}", t.skip);
+            assert_eq!(out[i], want, "batched, skip {} key {key:#x}", t.skip);
+        }
+    }
+
+    /// The anchored (path-compressed) trie: prefixes shorter than the anchor and covering it,
+    /// exactly as long as it, longer than it inside it, and outside it; built, then updated in
+    /// place, then rebuilt once the cluster is gone (the anchor is dropped).
+    #[test]
+    fn anchored_trie_matches_naive_across_the_anchor() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let site: u128 = 0x2001_0db8 << 96;
+        let r128 = |r: &mut dyn FnMut() -> u64| u128::from(r()) << 64 | u128::from(r());
+        let mut set: Vec<(u128, u8, u32)> = Vec::new();
+        let mut g = 0u32;
+        let mut add = |set: &mut Vec<(u128, u8, u32)>, k: u128, len: u8| {
+            let k = mask6(k, len);
+            if !set.iter().any(|&(k2, l2, _)| k2 == k && l2 == len) {
+                set.push((k, len, leaf(g, len)));
+                g += 1;
+            }
+        };
+        for _ in 0..3000 {
+            // Inside the /32: mostly /33../64, some /128, clustered so that they nest.
+            let len = match rnd() % 10 {
+                0 => 128,
+                1 => 33,
+                _ => 33 + (rnd() % 32) as u8,
+            };
+            let k = site | (r128(&mut rnd) >> 32) & (u128::MAX >> 100 | 0xffff << 80);
+            add(&mut set, k, len);
+        }
+        for _ in 0..150 {
+            let len = 16 + (rnd() % 49) as u8;
+            add(&mut set, r128(&mut rnd), len);
+        }
+        // Covering the anchor, exactly the anchor, and one just outside it.
+        for (k, len) in [
+            (0, 0),
+            (site, 16),
+            (site, 29),
+            (site, 32),
+            (site ^ 1 << 96, 32),
+        ] {
+            add(&mut set, k, len);
+        }
+        let inside_probe =
+            |r: &mut dyn FnMut() -> u64| site | (r128(r) >> 32) & (u128::MAX >> 100 | 0xffff << 80);
+        let mut probes: Vec<u128> = (0..3000).map(|_| inside_probe(&mut rnd)).collect();
+        probes.extend((0..500).map(|_| r128(&mut rnd)));
+        probes.extend(set.iter().map(|e| e.0));
+        probes.extend(set.iter().map(|e| e.0.wrapping_sub(1)));
+
+        let t = Anchored::build(16, &mut set.clone());
+        assert_eq!(t.skip, 32, "the cluster's /32 is the anchor");
+        check6(&t, &set, &probes);
+
+        // Incremental: remove and re-add across every class, including the covering prefixes.
+        let mut t = t;
+        let mut removed = Vec::new();
+        for i in (0..set.len()).rev().step_by(3) {
+            let (k, len, l) = set.swap_remove(i);
+            let parent = naive6(
+                &set.iter()
+                    .copied()
+                    .filter(|e| e.1 < len)
+                    .collect::<Vec<_>>(),
+                k,
+            );
+            t.remove(k, len, l, parent);
+            removed.push((k, len, l));
+        }
+        check6(&t, &set, &probes);
+        for &(k, len, l) in &removed[..removed.len() / 2] {
+            t.insert(k, len, l);
+            set.push((k, len, l));
+        }
+        check6(&t, &set, &probes);
+
+        // The cluster goes away: a rebuild finds no anchor and the lookups stay right.
+        let rest: Vec<(u128, u8, u32)> = set
+            .iter()
+            .copied()
+            .filter(|e| !e.0.same_top(site, 32) || e.1 < 32)
+            .collect();
+        let mut many = rest.clone();
+        for i in 0..2000u32 {
+            let len = 20 + (rnd() % 40) as u8;
+            let k = mask6(r128(&mut rnd), len);
+            if !many.iter().any(|&(k2, l2, _)| k2 == k && l2 == len) {
+                many.push((k, len, leaf(100_000 + i, len)));
+            }
+        }
+        let t = Anchored::build(16, &mut many.clone());
+        assert_eq!(t.skip, 0);
+        check6(&t, &many, &probes);
+        let t = Anchored::build(8, &mut rest.clone());
+        check6(&t, &rest, &probes);
     }
 }

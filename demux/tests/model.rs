@@ -113,8 +113,8 @@ proptest! {
     }
 }
 
-/// Crosses the direct-pointing resize thresholds (up at 1024 and 16384 prefixes, down at a quarter) both ways and
-/// checks lookups against the model on the way.
+/// Crosses the direct-pointing resize thresholds (IPv4: up at 512 and 8192 prefixes, down at a
+/// quarter) both ways and checks lookups against the model on the way.
 #[test]
 fn resize_thresholds_keep_lookups_right() {
     let mut t = Demux::with_key(BindPolicy::Nested, HashKey([1; 16]));
@@ -179,6 +179,80 @@ fn resize_thresholds_keep_lookups_right() {
             .map(|g| g.prefix()),
         None
     );
+}
+
+/// Clustered IPv6 tables grown one bind at a time: at 1024 prefixes the trie is rebuilt with
+/// an anchor (path compression over the bits the cluster shares); binds and unbinds after that
+/// go inside it, outside it, and cover it, with several port selectors; every step is checked
+/// against the model.
+#[test]
+fn clustered_ipv6_anchor_keeps_lookups_right() {
+    let mut d = Differential::new(BindPolicy::Nested);
+    let mut x = 0x51_7cc1_b727_220au64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let site = |i: u64| (0x2001_0db8u128 + u128::from(i % 4)) << 96;
+    let mut probe_addrs: Vec<u128> = Vec::new();
+    let net = |next: &mut dyn FnMut() -> u64, i: usize| -> IpNet {
+        let r = u128::from(next()) << 64 | u128::from(next());
+        let (a, len) = match i % 50 {
+            // Outside the cluster.
+            0 => (r, 16 + (next() % 49) as u8),
+            // Covering it (shorter than the anchor).
+            1 => (site(0), [0u8, 8, 16, 28, 29, 30][(next() % 6) as usize]),
+            2 => (site(next()) | (r >> 32), 128),
+            _ => (
+                site(next()) | (r >> 32) & !(u128::MAX >> 72),
+                33 + (next() % 40) as u8,
+            ),
+        };
+        IpNet::new(IpAddr::V6(Ipv6Addr::from(a)), len)
+            .unwrap()
+            .trunc()
+    };
+    let ports = [
+        PortSpec::Exact(80),
+        PortSpec::Exact(80),
+        PortSpec::Exact(80),
+        PortSpec::Any,
+    ];
+    for i in 0..2600 {
+        let n = net(&mut next, i);
+        if let IpNet::V6(v) = n {
+            probe_addrs.push(u128::from(v.network()));
+        }
+        let mut b = Binding::new(Protocol::Tcp, n, ports[i % 4], ListenerId(i as u64 % 5));
+        b.reuseport = i % 7 == 0;
+        d.bind(b);
+        if i % 9 == 0 {
+            d.unbind_nth(next() as usize);
+        }
+        if i % 5 == 0 || i > 1000 && i < 1100 {
+            let a = probe_addrs[next() as usize % probe_addrs.len()] | u128::from(next() as u16);
+            d.lookup(Protocol::Tcp, IpAddr::V6(Ipv6Addr::from(a)), 80);
+        }
+    }
+    for a in probe_addrs.iter().step_by(3) {
+        for port in [80, 81] {
+            d.lookup(Protocol::Tcp, IpAddr::V6(Ipv6Addr::from(*a)), port);
+            d.lookup(
+                Protocol::Tcp,
+                IpAddr::V6(Ipv6Addr::from(a.wrapping_sub(1))),
+                port,
+            );
+        }
+    }
+    for _ in 0..2000 {
+        d.unbind_nth(next() as usize);
+    }
+    for a in probe_addrs.iter().step_by(3) {
+        d.lookup(Protocol::Tcp, IpAddr::V6(Ipv6Addr::from(*a)), 80);
+    }
+    d.check_len();
 }
 
 /// The fuzz target's decoder on random bytes and on the checked-in seed corpus.
