@@ -1,4 +1,6 @@
-//! The IPv4 longest-prefix-match structure: a direct table and sorted range blocks.
+//! The IPv4 longest-prefix-match structure: a direct table and sorted range blocks (also used,
+//! over a window of up to 55 address bits, below the anchor of clustered IPv6 tables: see
+//! [`crate::window`]).
 //!
 //! Layout (after Zec, Rizzo & Mikuc, "DXR: towards a billion routing lookups per second in
 //! software", 2012, algorithm only):
@@ -11,7 +13,8 @@
 //!   below the address (a SIMD-friendly compare over a few chunks, a binary search over chunks for
 //!   dense slots) and reads the leaf at that index. `NONE` leaves stand for the slot's default;
 //! - a slot whose only content is one prefix (no default) keeps it in its direct entry instead of
-//!   a block (*inline*), so sparse tables answer most lookups with one memory access.
+//!   a block (*inline*: its leaf and its address), so sparse tables answer most lookups with one
+//!   memory access and a compare, at every direct width.
 //!
 //! A lookup therefore reads the direct entry and then at most one block, whose cache lines are
 //! contiguous and can be fetched together: at a million uniformly spread `/16`..`/32` prefixes
@@ -24,7 +27,7 @@
 
 use std::collections::HashMap;
 
-use crate::trie::{depth, prefetch, Lpm, CHUNK, NIL, NONE};
+use crate::trie::{depth, leaf_len, prefetch, Lpm, CHUNK, NIL, NONE};
 
 /// Direct entry without a range block.
 const NO_BLOCK: u32 = u32::MAX;
@@ -51,14 +54,15 @@ const INLINE: u32 = 0x80;
 
 /// A direct-table entry: 8 bytes. Either a default and a block reference, or *inline*: a slot
 /// whose only content is one prefix (and no default) holds it in place of a block, as the prefix's
-/// leaf tagged `INLINE` in `default` and its first and last addresses (`u16` remainders) in
-/// `block`. Sparse tables (most slots hold one prefix) then answer with one memory access.
+/// leaf tagged `INLINE` in `default` and its address (the whole 32-bit key) in `block`; the
+/// prefix length in the leaf says how many of the key's bits must match. Sparse tables (most
+/// slots hold one prefix) then answer with one memory access.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(C, align(8))]
 struct Dir {
     /// Best prefix of length <= `dp_bits` covering the slot (`NONE`: none); or an inline leaf.
     default: u32,
-    /// `offset / 8 bytes << 6 | min(keys, 63)`, or `NO_BLOCK`; or `first | last << 16` inline.
+    /// `offset / 8 bytes << 6 | min(keys, 63)`, or `NO_BLOCK`; or the prefix's key inline.
     block: u32,
 }
 
@@ -68,11 +72,29 @@ impl Dir {
         self.default & INLINE != 0
     }
 
-    /// The answer of an inline entry for remainder `low`.
+    /// The answer of an inline entry for a key of `bits` bits whose low 32 bits are `key`: its
+    /// leaf if the prefix covers the key. The slot's bits match by construction, and the bits
+    /// below them (at most 31) are among the low 32.
     #[inline(always)]
-    fn inline_leaf(self, low: u32) -> u32 {
-        let (first, last) = (self.block & 0xffff, self.block >> 16);
-        if low.wrapping_sub(first) <= last - first {
+    fn inline_leaf(self, key: u32, bits: u32) -> u32 {
+        // An inline prefix is longer than the direct bits (>= 8): the shift stays below 32; the
+        // `u64` keeps it defined for any length byte anyway.
+        let len = self.default & 0x3f;
+        if u64::from(key ^ self.block) >> (bits - len) == 0 {
+            self.default & !INLINE
+        } else {
+            NONE
+        }
+    }
+
+    /// The answer of an entry without a block reference (inline, or its default alone), with
+    /// no branch: a default-only entry compares no key bits.
+    #[inline(always)]
+    fn final_leaf(self, key: u32, bits: u32) -> u32 {
+        let care = 0u32.wrapping_sub(u32::from(self.is_inline()));
+        let len = self.default & 0x3f;
+        // `bits - len` < 64: keys have at most 55 bits.
+        if u64::from((key ^ self.block) & care) >> (bits - len) == 0 {
             self.default & !INLINE
         } else {
             NONE
@@ -117,10 +139,18 @@ fn wide_at(keys: &[u16], i: usize) -> u32 {
     u32::from(keys[2 * i]) | u32::from(keys[2 * i + 1]) << 16
 }
 
-/// The IPv4 LPM of one `(protocol, ports)`.
+/// The IPv4 LPM of one `(protocol, ports)`; also, over a window of up to 55 bits of the
+/// address (see [`Dxr::new_window`]), the inside of an anchored IPv6 table.
+///
+/// Keys are `bits` bits wide (32 for IPv4), passed right-aligned in a `u64`; prefix lengths and
+/// the lengths in leaves count from the key's top bit.
 #[derive(Clone, Debug)]
 pub(crate) struct Dxr {
     dp_bits: u8,
+    /// Key width.
+    bits: u8,
+    /// `bits - dp_bits` (at most 31): bits below the direct index.
+    rem: u8,
     dir: Vec<Dir>,
     /// Range blocks, each starting at a multiple of 4 (8 bytes), then `TAIL` zeros.
     arena: Vec<u16>,
@@ -132,11 +162,20 @@ pub(crate) struct Dxr {
 }
 
 impl Dxr {
-    /// An empty structure with `dp_bits` (8..=24) direct bits.
+    /// An empty structure over 32-bit keys with `dp_bits` (8..=24) direct bits.
     pub(crate) fn new(dp_bits: u8) -> Self {
+        Self::new_window(dp_bits, 32)
+    }
+
+    /// An empty structure over `bits`-bit keys with `dp_bits` (8..=24) direct bits; at most 31
+    /// bits below them (range keys are at most `u32`).
+    pub(crate) fn new_window(dp_bits: u8, bits: u8) -> Self {
         assert!((8..=24).contains(&dp_bits), "direct bits {dp_bits}");
+        assert!(bits > dp_bits && bits - dp_bits <= 31, "{bits} bits");
         Dxr {
             dp_bits,
+            bits,
+            rem: bits - dp_bits,
             dir: vec![EMPTY_DIR; 1 << dp_bits],
             arena: vec![0; TAIL],
             used: 0,
@@ -149,6 +188,8 @@ impl Dxr {
     pub(crate) fn placeholder() -> Self {
         Dxr {
             dp_bits: 32,
+            bits: 32,
+            rem: 0,
             dir: Vec::new(),
             arena: Vec::new(),
             used: 0,
@@ -165,6 +206,12 @@ impl Dxr {
             + self.free.values().map(|v| v.capacity() * 4).sum::<usize>()
     }
 
+    /// Direct bits.
+    #[cfg(test)]
+    pub(crate) fn dp_bits(&self) -> u8 {
+        self.dp_bits
+    }
+
     /// Bytes a lookup may touch: decides whether batching with prefetches pays off.
     pub(crate) fn footprint(&self) -> usize {
         self.dir.len() * std::mem::size_of::<Dir>() + self.used * 2
@@ -173,23 +220,29 @@ impl Dxr {
     /// `u16` keys when the remainder fits 16 bits.
     #[inline(always)]
     fn narrow(&self) -> bool {
-        self.dp_bits >= 16
+        self.rem <= 16
     }
 
     /// Bits below the direct index.
     #[inline(always)]
     fn rem(&self) -> u32 {
-        32 - u32::from(self.dp_bits)
+        u32::from(self.rem)
     }
 
     #[inline(always)]
-    fn slot(&self, key: u32) -> usize {
-        (u64::from(key) >> self.rem()) as usize
+    fn slot(&self, key: u64) -> usize {
+        (key >> self.rem()) as usize
     }
 
     #[inline(always)]
-    fn low(&self, key: u32) -> u32 {
-        key & (((1u64 << self.rem()) - 1) as u32)
+    fn low(&self, key: u64) -> u32 {
+        (key as u32) & (((1u64 << self.rem()) - 1) as u32)
+    }
+
+    /// The key width, as a shift base for [`Dir::final_leaf`].
+    #[inline(always)]
+    fn width(&self) -> u32 {
+        u32::from(self.bits)
     }
 
     /// Where a block's keys start (in `u16`s) and how many chunks it has.
@@ -294,15 +347,29 @@ impl Dxr {
     }
 
     /// Longest match for `key`: a leaf (`NONE` if no prefix covers it).
-    #[inline]
+    ///
+    /// The direct-entry part (one load, one compare) is inlined into the caller; a block search
+    /// is a call, so that the common one-access answers pay no register saves for it.
+    #[inline(always)]
     pub(crate) fn lookup(&self, key: u32) -> u32 {
+        self.lookup_w(u64::from(key))
+    }
+
+    /// [`lookup`](Self::lookup) of a key of any width.
+    #[inline(always)]
+    pub(crate) fn lookup_w(&self, key: u64) -> u32 {
         let d = self.dir[self.slot(key)];
-        if d.is_inline() {
-            return d.inline_leaf(self.low(key));
+        // One branch for "answered by the entry" (inline or no block), then a select: which of
+        // the two kinds a slot is follows no pattern in random traffic.
+        if (d.is_inline() as u8 | (d.block == NO_BLOCK) as u8) != 0 {
+            return d.final_leaf(key as u32, self.width());
         }
-        if d.block == NO_BLOCK {
-            return d.default;
-        }
+        self.lookup_block(d, key)
+    }
+
+    /// The rest of a [`lookup`](Self::lookup) whose direct entry `d` refers to a block.
+    #[inline(never)]
+    fn lookup_block(&self, d: Dir, key: u64) -> u32 {
         if self.arena.len() > SCALAR_PREFETCH {
             self.prefetch_block(d.block);
         }
@@ -316,7 +383,7 @@ impl Dxr {
 
     /// Prefetches the direct entry of `key`: the first memory access of a walk.
     #[inline(always)]
-    pub(crate) fn prefetch_first(&self, key: u32) {
+    pub(crate) fn prefetch_first(&self, key: u64) {
         prefetch(self.dir.as_ptr().wrapping_add(self.slot(key)));
     }
 
@@ -341,16 +408,31 @@ impl Dxr {
     /// pass's cache misses are all in flight together.
     pub(crate) fn walk_chunk(tries: &[Self], tid: &[u32], keys: &[u32], out: &mut [u32]) {
         let n = keys.len().min(out.len()).min(tid.len());
+        Self::walk_keys(
+            |i| (tid[i] != NIL).then(|| (&tries[tid[i] as usize], u64::from(keys[i]))),
+            &mut out[..n],
+        );
+    }
+
+    /// [`walk_chunk`](Self::walk_chunk) over keys of any width: query `i` (of `out.len()`, at
+    /// most `CHUNK`) looks key `k` up in `t` where `pick(i)` is `Some((t, k))`, and gets `NONE`
+    /// where it is `None`.
+    #[inline(always)]
+    pub(crate) fn walk_keys<'a>(pick: impl Fn(usize) -> Option<(&'a Self, u64)>, out: &mut [u32]) {
+        let n = out.len();
         debug_assert!(n <= CHUNK);
+        let mut tries: [Option<&Self>; CHUNK] = [None; CHUNK];
+        let mut keys = [0u64; CHUNK];
         let mut dir = [EMPTY_DIR; CHUNK];
         for i in 0..n {
-            if tid[i] != NIL {
-                tries[tid[i] as usize].prefetch_first(keys[i]);
+            if let Some((t, k)) = pick(i) {
+                t.prefetch_first(k);
+                tries[i] = Some(t);
+                keys[i] = k;
             }
         }
         for i in 0..n {
-            if tid[i] != NIL {
-                let t = &tries[tid[i] as usize];
+            if let Some(t) = tries[i] {
                 dir[i] = t.dir[t.slot(keys[i])];
                 if let Some(b) = dir[i].block() {
                     t.prefetch_block(b);
@@ -358,17 +440,17 @@ impl Dxr {
             }
         }
         for i in 0..n {
-            out[i] = if dir[i].is_inline() {
-                dir[i].inline_leaf(tries[tid[i] as usize].low(keys[i]))
-            } else if dir[i].block == NO_BLOCK {
-                dir[i].default
-            } else {
-                let t = &tries[tid[i] as usize];
-                let l = t.search(dir[i].block, t.low(keys[i]));
-                if l == NONE {
-                    dir[i].default
-                } else {
-                    l
+            out[i] = match tries[i] {
+                None => NONE,
+                Some(t) if dir[i].is_inline() => dir[i].inline_leaf(keys[i] as u32, t.width()),
+                Some(_) if dir[i].block == NO_BLOCK => dir[i].default,
+                Some(t) => {
+                    let l = t.search(dir[i].block, t.low(keys[i]));
+                    if l == NONE {
+                        dir[i].default
+                    } else {
+                        l
+                    }
                 }
             };
         }
@@ -490,15 +572,15 @@ impl Dxr {
     }
 
     /// Range of direct slots covered by a prefix of length `len <= dp_bits`.
-    fn slots(&self, key: u32, len: u8) -> std::ops::Range<usize> {
+    fn slots(&self, key: u64, len: u8) -> std::ops::Range<usize> {
         let first = self.slot(key);
         first..first + (1usize << (self.dp_bits - len))
     }
 
     /// The interval `[a, b)` of a prefix longer than `dp_bits` inside its slot.
-    fn span(&self, key: u32, len: u8) -> (u32, u32) {
+    fn span(&self, key: u64, len: u8) -> (u32, u32) {
         let a = self.low(key);
-        (a, a + (1u32 << (32 - u32::from(len))))
+        (a, a + (1u32 << (self.width() - u32::from(len))))
     }
 
     /// The intervals of slot `s` (its default not included).
@@ -507,14 +589,16 @@ impl Dxr {
         if !d.is_inline() {
             return self.decode(d.block);
         }
-        let (first, last) = (d.block & 0xffff, d.block >> 16);
+        let l = d.default & !INLINE;
+        let first = self.low(u64::from(d.block));
+        let end = u64::from(first) + (1u64 << (self.width() - u32::from(leaf_len(l))));
         let mut v = vec![(0, NONE)];
         if first == 0 {
             v.clear();
         }
-        v.push((first, d.default & !INLINE));
-        if last + 1 < 1 << self.rem() {
-            v.push((last + 1, NONE));
+        v.push((first, l));
+        if end < 1u64 << self.rem() {
+            v.push((end as u32, NONE));
         }
         v
     }
@@ -533,17 +617,24 @@ impl Dxr {
             _ => None,
         };
         match one {
-            Some((a, b, l)) if self.narrow() && self.dir[s].default == NONE => {
+            Some((a, b, l)) if self.dir[s].default == NONE => {
+                // One leaf over one interval: exactly its prefix's span (leaves are distinct).
+                debug_assert_eq!(
+                    u64::from(b - a),
+                    1u64 << (self.width() - u32::from(leaf_len(l))),
+                    "an inline interval is its prefix"
+                );
                 self.dir[s] = Dir {
                     default: l | INLINE,
-                    block: a | (b - 1) << 16,
+                    block: ((s as u64) << self.rem()) as u32 | a,
                 };
             }
             _ => self.dir[s].block = self.encode(iv),
         }
     }
 
-    /// Sets the default of slot `s`, turning an inline entry back into a block first.
+    /// Sets the default of slot `s`, turning an inline entry back into a block first (and a block
+    /// back into an inline entry when the default goes and one prefix is left).
     fn set_default(&mut self, s: usize, l: u32) {
         if self.dir[s].is_inline() {
             let iv = self.slot_intervals(s);
@@ -554,6 +645,11 @@ impl Dxr {
             self.set_slot(s, &iv);
         } else {
             self.dir[s].default = l;
+            // A block left without a default may be one prefix: inline again.
+            if let (NONE, Some(b)) = (l, self.dir[s].block()) {
+                let iv = self.decode(b);
+                self.set_slot(s, &iv);
+            }
         }
     }
 
@@ -598,7 +694,12 @@ impl Dxr {
 
     /// Adds a prefix (`key` with host bits clear) whose leaf is `l`.
     pub(crate) fn insert(&mut self, key: u32, len: u8, l: u32) {
-        debug_assert!(len <= 32 && depth(l) == i32::from(len));
+        self.insert_w(u64::from(key), len, l)
+    }
+
+    /// [`insert`](Self::insert) of a key of any width.
+    pub(crate) fn insert_w(&mut self, key: u64, len: u8, l: u32) {
+        debug_assert!(len <= self.bits && depth(l) == i32::from(len));
         self.prefixes += 1;
         let better = move |cur: u32| if depth(cur) < i32::from(len) { l } else { cur };
         if len <= self.dp_bits {
@@ -617,6 +718,11 @@ impl Dxr {
     /// Removes the prefix inserted with leaf `l`; `parent` is the leaf of the longest remaining
     /// prefix strictly covering it (`NONE` if none).
     pub(crate) fn remove(&mut self, key: u32, len: u8, l: u32, parent: u32) {
+        self.remove_w(u64::from(key), len, l, parent)
+    }
+
+    /// [`remove`](Self::remove) of a key of any width.
+    pub(crate) fn remove_w(&mut self, key: u64, len: u8, l: u32, parent: u32) {
         self.prefixes -= 1;
         if len <= self.dp_bits {
             for i in self.slots(key, len) {
@@ -644,10 +750,19 @@ impl Dxr {
     /// Builds the structure from `(key, len, leaf)` entries in one pass: every block is written
     /// once, at its exact size, with no garbage.
     pub(crate) fn build(dp_bits: u8, entries: &mut [(u32, u8, u32)]) -> Self {
-        let mut t = Dxr::new(dp_bits);
+        let mut e: Vec<(u64, u8, u32)> = entries
+            .iter()
+            .map(|&(k, len, l)| (u64::from(k), len, l))
+            .collect();
+        Self::build_window(dp_bits, 32, &mut e)
+    }
+
+    /// [`build`](Self::build) over keys of `bits` bits (see [`new_window`](Self::new_window)).
+    pub(crate) fn build_window(dp_bits: u8, bits: u8, entries: &mut [(u64, u8, u32)]) -> Self {
+        let mut t = Dxr::new_window(dp_bits, bits);
         t.prefixes = entries.len();
         // Short prefixes fill defaults, shortest first so longer ones overwrite.
-        let mut short: Vec<(u32, u8, u32)> =
+        let mut short: Vec<(u64, u8, u32)> =
             entries.iter().copied().filter(|e| e.1 <= dp_bits).collect();
         short.sort_by_key(|e| e.1);
         for (k, len, l) in short {
@@ -657,7 +772,7 @@ impl Dxr {
         }
         // Sorted by start then length: a prefix comes right before the prefixes it contains.
         entries.sort_unstable_by_key(|e| (e.0, e.1));
-        let long: Vec<(u32, u8, u32)> = entries.iter().copied().filter(|e| e.1 > dp_bits).collect();
+        let long: Vec<(u64, u8, u32)> = entries.iter().copied().filter(|e| e.1 > dp_bits).collect();
         let mut rest = &long[..];
         while !rest.is_empty() {
             let slot = t.slot(rest[0].0);
@@ -674,7 +789,7 @@ impl Dxr {
     }
 
     /// The intervals of one slot's prefixes (sorted by start, then length), in one sweep.
-    fn sweep(&self, entries: &[(u32, u8, u32)]) -> Intervals {
+    fn sweep(&self, entries: &[(u64, u8, u32)]) -> Intervals {
         let end = 1u32 << self.rem();
         let mut out: Intervals = vec![(0, NONE)];
         let emit = |out: &mut Intervals, pos: u32, leaf: u32| {
@@ -731,7 +846,7 @@ impl Lpm<u32> for Dxr {
     fn remove(&mut self, key: u32, len: u8, l: u32, parent: u32) {
         Dxr::remove(self, key, len, l, parent)
     }
-    #[inline]
+    #[inline(always)]
     fn lookup(&self, key: u32) -> u32 {
         Dxr::lookup(self, key)
     }
@@ -892,7 +1007,7 @@ mod tests {
             }
             set.push((0x0a00_0000, 8, leaf(g, 8)));
             let built = Dxr::build(dp, &mut set.clone());
-            let b = built.dir[built.slot(0x0a00_0000)].block;
+            let b = built.dir[built.slot(0x0a00_0000u64)].block;
             assert_eq!(b & ((1 << CHUNK_FIELD) - 1), BIG);
             check_all(&built, &set, &mut rng, 0x0a00_0000, 0x1fff);
             let mut t = Dxr::new(dp);
@@ -915,7 +1030,7 @@ mod tests {
         let mut rng = Rng(11);
         let mut t = Dxr::new(16);
         let mut set = Vec::new();
-        let s = t.slot(0x0a01_0000);
+        let s = t.slot(0x0a01_0000u64);
         let mut step = |t: &mut Dxr, set: &mut Vec<(u32, u8, u32)>, op: (bool, u32, u8, u32)| {
             let (add, k, len, l) = op;
             if add {
@@ -954,10 +1069,33 @@ mod tests {
         step(&mut t, &mut set, (false, p24.0, p24.1, p24.2));
         step(&mut t, &mut set, (false, 0x0a01_0000, 16, leaf(4, 16)));
         assert!(t.dir.iter().all(|d| *d == EMPTY_DIR));
-        // Wide keys (under 16 direct bits) never go inline.
-        let mut w = Dxr::new(12);
-        w.insert(p24.0, p24.1, p24.2);
-        assert!(!w.dir[w.slot(p24.0)].is_inline());
-        assert_eq!(w.lookup(p24.0 | 0x7f), p24.2);
+        // Under 16 direct bits (wide keys) too, and for prefixes at either end of the slot and
+        // of the address space.
+        for dp in [8u8, 12, 15] {
+            for (k, len) in [
+                (p24.0, p24.1),
+                (0x0a00_0000, dp + 1),
+                (0xffff_ffff, 32),
+                (0, 31),
+                (0x0a0f_fff0, 28),
+            ] {
+                let l = leaf(5, len);
+                let k = mask(k, len);
+                let mut w = Dxr::new(dp);
+                w.insert(k, len, l);
+                assert!(
+                    w.dir[w.slot(u64::from(k))].is_inline(),
+                    "dp {dp} {k:#x}/{len}"
+                );
+                let set = vec![(k, len, l)];
+                check_all(&w, &set, &mut rng, k & !0xfff_ffff, 0xfff_ffff);
+                w.insert(mask(k, dp), dp, leaf(6, dp));
+                assert!(!w.dir[w.slot(u64::from(k))].is_inline());
+                w.remove(mask(k, dp), dp, leaf(6, dp), NONE);
+                assert!(w.dir[w.slot(u64::from(k))].is_inline());
+                w.remove(k, len, l, NONE);
+                assert!(w.dir.iter().all(|d| *d == EMPTY_DIR));
+            }
+        }
     }
 }

@@ -553,16 +553,35 @@ impl Fib {
         }
     }
 
+    /// [`group`](Self::group) of a lookup's result, `None` for `NONE`, without a branch on it
+    /// (a tenth of the benchmark's queries miss, in random order): `NONE` maps to group index
+    /// `u32::MAX`, past every group (there are at most 2^24), so the bounds check says `None`.
+    #[inline(always)]
+    pub(crate) fn found(&self, leaf: u32, ports: PortSpec, dst: IpAddr) -> Option<Group<'_>> {
+        let g = (leaf >> 8).wrapping_sub(1) as usize;
+        debug_assert!(
+            leaf == NONE || g < self.groups.len(),
+            "leaf {leaf:#x} has a group"
+        );
+        self.groups.get(g).map(|rec| Group {
+            dst,
+            len: leaf_len(leaf),
+            ports,
+            rec,
+            pool: &self.members,
+        })
+    }
+
     #[inline]
     pub(crate) fn lookup_v4(&self, p: Protocol, dst: Ipv4Addr, port: u16) -> Option<Group<'_>> {
         let (l, ports) = self.v4[pi(p)].lookup(u32::from(dst), port);
-        (l != NONE).then(|| self.group(l, ports, dst.into()))
+        self.found(l, ports, dst.into())
     }
 
     #[inline]
     pub(crate) fn lookup_v6(&self, p: Protocol, dst: Ipv6Addr, port: u16) -> Option<Group<'_>> {
         let (l, ports) = self.v6[pi(p)].lookup(u128::from(dst), port);
-        (l != NONE).then(|| self.group(l, ports, dst.into()))
+        self.found(l, ports, dst.into())
     }
 
     /// Batched lookup.
@@ -681,7 +700,10 @@ mod tests {
             let key = if i % 10 == 0 {
                 xorshift(&mut x) as u32
             } else {
-                e.0 as u32 | (xorshift(&mut x) as u32 >> e.1.max(1))
+                e.0 as u32
+                    | (xorshift(&mut x) as u32)
+                        .checked_shr(u32::from(e.1.max(1)))
+                        .unwrap_or(0)
             };
             q.push((key, [80u16, 80, 80, 85, 0, 443][i % 6]));
         }

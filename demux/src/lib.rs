@@ -21,7 +21,8 @@
 //!
 //! The data path reads compact longest-prefix-match structures (IPv4: a direct table and sorted
 //! range blocks, after DXR; IPv6: a poptrie-style trie, path-compressed over the bits a clustered
-//! table shares) through wait-free [`DemuxReader`]s; the
+//! table shares, and below those shared bits the same direct table and range blocks as IPv4)
+//! through wait-free [`DemuxReader`]s; the
 //! single writer ([`Demux`]) validates, checks conflicts and publishes edits (see [`Demux`]).
 #![warn(missing_docs)]
 
@@ -32,6 +33,7 @@ pub mod model;
 mod table;
 mod trie;
 mod types;
+mod window;
 
 pub use fib::{Group, Member};
 pub use hash::HashKey;

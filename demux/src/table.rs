@@ -731,7 +731,7 @@ impl Snapshot<'_> {
                 } else {
                     PortSpec::Exact(port)
                 };
-                *oi = (l[i] != NONE).then(|| self.fib.group(l[i], pi, a.into()));
+                *oi = self.fib.found(l[i], pi, a.into());
             }
         }
     }
