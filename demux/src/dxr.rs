@@ -865,33 +865,8 @@ impl Lpm<u32> for Dxr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{mask, naive, Rng};
     use crate::trie::leaf;
-
-    fn naive(prefixes: &[(u32, u8, u32)], key: u32) -> u32 {
-        prefixes
-            .iter()
-            .filter(|&&(k, len, _)| len == 0 || (key ^ k) >> (32 - len) == 0)
-            .max_by_key(|&&(_, len, _)| len)
-            .map_or(NONE, |&(_, _, l)| l)
-    }
-
-    fn mask(k: u32, len: u8) -> u32 {
-        if len == 0 {
-            0
-        } else {
-            k & (u32::MAX << (32 - len))
-        }
-    }
-
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-    }
 
     fn parent_of(set: &[(u32, u8, u32)], k: u32, len: u8) -> u32 {
         naive(

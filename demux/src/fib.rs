@@ -652,14 +652,8 @@ impl left_right::Absorb<Op> for Fib {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::xorshift;
     use crate::trie::leaf;
-
-    fn xorshift(x: &mut u64) -> u64 {
-        *x ^= *x << 13;
-        *x ^= *x >> 7;
-        *x ^= *x << 17;
-        *x
-    }
 
     fn random_entries(n: usize, seed: u64, group0: u32) -> Vec<(u128, u8, u32)> {
         let mut x = seed;

@@ -31,6 +31,8 @@ mod fib;
 mod hash;
 pub mod model;
 mod table;
+#[cfg(test)]
+mod test_util;
 mod trie;
 mod types;
 mod window;

@@ -1085,22 +1085,7 @@ impl<K: Key> Lpm<K> for Anchored<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn naive(prefixes: &[(u32, u8, u32)], key: u32) -> u32 {
-        prefixes
-            .iter()
-            .filter(|&&(k, len, _)| len == 0 || (key ^ k) >> (32 - len) == 0)
-            .max_by_key(|&&(_, len, _)| len)
-            .map_or(NONE, |&(_, _, l)| l)
-    }
-
-    fn mask(k: u32, len: u8) -> u32 {
-        if len == 0 {
-            0
-        } else {
-            k & (u32::MAX << (32 - len))
-        }
-    }
+    use crate::test_util::{mask, naive};
 
     #[test]
     fn insert_remove_matches_naive_and_frees_everything() {
@@ -1160,25 +1145,13 @@ mod tests {
         }
     }
 
-    fn naive6(prefixes: &[(u128, u8, u32)], key: u128) -> u32 {
-        prefixes
-            .iter()
-            .filter(|&&(k, len, _)| key.same_top(k, len))
-            .max_by_key(|&&(_, len, _)| len)
-            .map_or(NONE, |&(_, _, l)| l)
-    }
-
-    fn mask6(k: u128, len: u8) -> u128 {
-        k.masked_top(u32::from(128 - len))
-    }
-
     fn check6(t: &Anchored<u128>, set: &[(u128, u8, u32)], probes: &[u128]) {
         let mut out = vec![0u32; probes.len()];
         for (c, o) in probes.chunks(CHUNK).zip(out.chunks_mut(CHUNK)) {
             Anchored::walk_chunk(std::slice::from_ref(t), &[0; CHUNK][..c.len()], c, o);
         }
         for (i, &key) in probes.iter().enumerate() {
-            let want = naive6(set, key);
+            let want = naive(set, key);
             assert_eq!(t.lookup(key), want, "skip {} key {key:#x}", t.skip);
             assert_eq!(out[i], want, "batched, skip {} key {key:#x}", t.skip);
         }
@@ -1201,7 +1174,7 @@ mod tests {
         let mut set: Vec<(u128, u8, u32)> = Vec::new();
         let mut g = 0u32;
         let mut add = |set: &mut Vec<(u128, u8, u32)>, k: u128, len: u8| {
-            let k = mask6(k, len);
+            let k = mask(k, len);
             if !set.iter().any(|&(k2, l2, _)| k2 == k && l2 == len) {
                 set.push((k, len, leaf(g, len)));
                 g += 1;
@@ -1247,7 +1220,7 @@ mod tests {
         let mut removed = Vec::new();
         for i in (0..set.len()).rev().step_by(3) {
             let (k, len, l) = set.swap_remove(i);
-            let parent = naive6(
+            let parent = naive(
                 &set.iter()
                     .copied()
                     .filter(|e| e.1 < len)
@@ -1273,7 +1246,7 @@ mod tests {
         let mut many = rest.clone();
         for i in 0..2000u32 {
             let len = 20 + (rnd() % 40) as u8;
-            let k = mask6(r128(&mut rnd), len);
+            let k = mask(r128(&mut rnd), len);
             if !many.iter().any(|&(k2, l2, _)| k2 == k && l2 == len) {
                 many.push((k, len, leaf(100_000 + i, len)));
             }

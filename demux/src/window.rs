@@ -186,16 +186,20 @@ impl<K: Key> Window<K> {
         }
     }
 
+    /// The leaf of the longest prefix covering the whole anchor.
+    fn longest_cover(&self) -> u32 {
+        self.cover
+            .iter()
+            .copied()
+            .max_by_key(|&c| depth(c))
+            .unwrap_or(NONE)
+    }
+
     /// Adds a prefix (`key` under the anchor or covering it, host bits clear).
     pub(crate) fn insert(&mut self, key: K, len: u8, l: u32) {
         if len <= self.skip {
             self.cover.push(l);
-            self.best_cover = self
-                .cover
-                .iter()
-                .copied()
-                .max_by_key(|&c| depth(c))
-                .unwrap_or(NONE);
+            self.best_cover = self.longest_cover();
         } else if len - self.skip <= self.bits {
             self.dxr
                 .insert_w(self.key(key), len - self.skip, l - u32::from(self.skip));
@@ -225,12 +229,7 @@ impl<K: Key> Window<K> {
             if let Some(i) = self.cover.iter().position(|&c| c == l) {
                 self.cover.swap_remove(i);
             }
-            self.best_cover = self
-                .cover
-                .iter()
-                .copied()
-                .max_by_key(|&c| depth(c))
-                .unwrap_or(NONE);
+            self.best_cover = self.longest_cover();
         } else if len - self.skip <= self.bits {
             // Parents covering the anchor are not in the window (`cover` answers for them).
             let p = if depth(parent) > i32::from(self.skip) {
@@ -332,24 +331,8 @@ impl<K: Key> Window<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{mask, naive, Rng};
     use crate::trie::{leaf, Anchored, Lpm, CHUNK};
-
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn wide(&mut self) -> u128 {
-            u128::from(self.next()) << 64 | u128::from(self.next())
-        }
-    }
-
-    fn mask(k: u128, len: u8) -> u128 {
-        k.masked_top(u32::from(128 - len))
-    }
 
     /// Clustered prefixes like the benchmark's: 16 `/32` sites, `/40`..`/64`, 2% `/128`.
     fn clustered(n: usize, rng: &mut Rng) -> Vec<(u128, u8, u32)> {
@@ -368,13 +351,6 @@ mod tests {
             }
         }
         v
-    }
-
-    fn naive(set: &[(u128, u8, u32)], key: u128) -> u32 {
-        set.iter()
-            .filter(|&&(k, len, _)| key.same_top(k, len))
-            .max_by_key(|&&(_, len, _)| len)
-            .map_or(NONE, |&(_, _, l)| l)
     }
 
     fn parent(set: &[(u128, u8, u32)], k: u128, len: u8) -> u32 {
